@@ -1,0 +1,30 @@
+# The README's two commands are `make demo` and `make test`; both set up first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(PY) $(FASHION_MNIST)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[cpu,jax,recipes,test]"
+
+# Debian's package of the full Fashion-MNIST: the offline default data.
+$(FASHION_MNIST):
+	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+
+demo: setup
+	$(PY) recipes/compare.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/optimizer_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,12 @@
+"""keras-clars: CLARS and LARS for Keras 3, with large-batch recipes."""
+
+import keras
+
+from keras_clars.clars import CLARS
+from keras_clars.lars import LARS
+
+__version__ = "0.1.0"
+__all__ = ["CLARS", "LARS"]
+
+# Lets `model.compile(optimizer="clars")` resolve after `import keras_clars`.
+keras.saving.get_custom_objects().update({"clars": CLARS, "lars": LARS})
