@@ -28,3 +28,10 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# Offline Bazel build and tests (docs/bazel.md); .ci/run runs it after `test`.
+BAZEL ?= bazel-4
+.PHONY: bazel-test
+bazel-test: setup
+	tools/bazel/setup.sh
+	$(BAZEL) test //...
