@@ -280,7 +280,13 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                     f"({len(self._trainable_variables)}); received {len(given)}."
                 )
             by_index = [given[self._get_variable_index(v)] for v in variables]
-            return [ops.cast(n, self._norm_dtype) for n in by_index]
+            # 0 * ||g|| is NaN exactly when g is not finite, so the update is
+            # still skipped for a bad gradient whatever norms were given.
+            return [
+                ops.cast(n, self._norm_dtype)
+                + 0.0 * ops.cast(transforms.l2_norm(g), self._norm_dtype)
+                for n, g in zip(by_index, grads)
+            ]
         return [
             ops.cast(transforms.l2_norm(g), self._norm_dtype) * replicas
             for g in grads
@@ -356,7 +362,12 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         velocity = self._velocities[index]
         statistics = self._layer_statistics[index]
         steps = self.gradient_accumulation_steps
-        one_sample = not steps and distribution.num_replicas() == 1
+        # Given sample norms are samples of their own, even with R = k = 1.
+        one_sample = (
+            not steps
+            and distribution.num_replicas() == 1
+            and self._pending_sample_norms is None
+        )
         grad = ops.cast(grad, variable.dtype)
 
         if steps:
