@@ -1,0 +1,165 @@
+"""A float64 NumPy reference of the update in spec/CLARS.md.
+
+Slow and obvious on purpose: the tests compare `keras_clars.CLARS` and
+`keras_clars.LARS` against it. Two functions:
+
+- `reference_update(weights, velocities, samples, ...)`: ONE update from the
+  S gradient samples that make it up (replicas x accumulation micro-steps,
+  or single examples). Use it when gradients depend on the weights.
+- `reference_run(weights, micro_steps, steps=k, ...)`: a sequence of
+  micro-steps with fixed gradients, grouped into updates of k micro-steps,
+  with the learning rate evaluated at the update index and the
+  non-finite-gradient rule of the package (skip the whole update, count it).
+
+A *sample* is a list of per-layer gradient arrays: the mean gradient of one
+equally sized slice of the batch, unscaled (a replica's gradient already
+multiplied back by R). Each micro-step holds one or more samples of equal
+size; its gradient is their mean.
+
+Example:
+
+    from numpy_reference import reference_run
+    out = reference_run([w0, b0], [[g0, gb0], [g1, gb1]], steps=2,
+                        learning_rate=0.1, complete=True)
+    out["weights"][-1]   # weights after the 2nd micro-step (one update)
+"""
+
+import numpy as np
+
+STATISTICS = ("trust_ratio", "complete_norm", "gradient_norm", "weight_norm",
+              "coherence")
+
+
+def _norm(x):
+    return float(np.sqrt(np.sum(np.square(np.asarray(x, np.float64)))))
+
+
+def default_masks(weights, weight_decay=None, no_adaptation=(), no_decay=()):
+    """The spec's default exclusions: rank <= 1 is neither adapted nor decayed.
+
+    Args:
+        weights: the layers' arrays.
+        weight_decay: beta; None or 0 means no layer is decayed.
+        no_adaptation: indices of layers also excluded from adaptation.
+        no_decay: indices of layers also excluded from weight decay.
+
+    Returns:
+        `(adapted, decayed)`: two lists of bools, one entry per layer.
+    """
+    adapted = [np.ndim(w) > 1 and i not in no_adaptation
+               for i, w in enumerate(weights)]
+    decayed = [bool(weight_decay) and np.ndim(w) > 1 and i not in no_decay
+               for i, w in enumerate(weights)]
+    return adapted, decayed
+
+
+def _as_samples(micro_step):
+    """A micro-step is one sample (list of arrays) or a list of samples."""
+    if len(micro_step) and isinstance(micro_step[0], (list, tuple)):
+        return [list(s) for s in micro_step]
+    return [list(micro_step)]
+
+
+def reference_update(weights, velocities, samples, *, learning_rate,
+                     complete, momentum=0.9, trust_coefficient=0.001,
+                     weight_decay=None, epsilon=0.0, nesterov=False,
+                     adapted=None, decayed=None, sample_norms=None):
+    """One update of the spec, in float64.
+
+    Args:
+        weights: list of arrays w_l.
+        velocities: list of arrays v_l (same shapes).
+        samples: list of S samples, each a list of per-layer gradients.
+        learning_rate: gamma_t, a float (already evaluated for this update).
+        complete: True for CLARS (N_l = mean of the samples' norms), False
+            for LARS (N_l = norm of the mean gradient).
+        momentum, trust_coefficient, weight_decay, epsilon, nesterov: as in
+            the optimizers.
+        adapted, decayed: per-layer bools; default `default_masks(...)`.
+        sample_norms: optional per-layer N_l replacing the samples' norms
+            (CLARS with norms computed elsewhere).
+
+    Returns:
+        `(new_weights, new_velocities, statistics)`, statistics a list of
+        dicts with the keys of `STATISTICS`, one per layer.
+    """
+    default_adapted, default_decayed = default_masks(weights, weight_decay)
+    adapted = default_adapted if adapted is None else adapted
+    decayed = default_decayed if decayed is None else decayed
+    new_weights, new_velocities, statistics = [], [], []
+    for l, (w, v) in enumerate(zip(weights, velocities)):
+        w = np.asarray(w, np.float64)
+        v = np.asarray(v, np.float64)
+        layer_samples = [np.asarray(s[l], np.float64) for s in samples]
+        g = np.mean(layer_samples, axis=0)
+        gradient_norm = _norm(g)
+        if sample_norms is not None:
+            n = float(sample_norms[l])
+        elif complete:
+            n = float(np.mean([_norm(s) for s in layer_samples]))
+        else:
+            n = gradient_norm
+        beta = (weight_decay or 0.0) if decayed[l] else 0.0
+        weight_norm = _norm(w)
+        if adapted[l] and weight_norm > 0 and n > 0:
+            ratio = trust_coefficient * weight_norm / (
+                n + beta * weight_norm + epsilon)
+        else:
+            ratio = 1.0
+        u = learning_rate * ratio * (g + beta * w)
+        v = momentum * v + u
+        step = momentum * v + u if nesterov else v
+        new_weights.append(w - step)
+        new_velocities.append(v)
+        coherence = gradient_norm / n if n > 0 else 1.0
+        statistics.append(dict(zip(
+            STATISTICS, (ratio, n, gradient_norm, weight_norm, coherence))))
+    return new_weights, new_velocities, statistics
+
+
+def reference_run(weights, micro_steps, *, steps=None, learning_rate,
+                  complete, **kwargs):
+    """Runs micro-steps with fixed gradients, as `optimizer.apply` would.
+
+    Args:
+        weights: the initial arrays (velocities start at zero).
+        micro_steps: one entry per `apply()` call: a sample (list of
+            per-layer gradients) or a list of equally sized samples (e.g.
+            one per replica).
+        steps: k, the gradient accumulation steps (None = 1).
+        learning_rate: a float, or a callable of the update index t
+            (0, 1, ...), such as a Keras schedule wrapped in `float(...)`.
+        complete: True for CLARS, False for LARS.
+        **kwargs: the other arguments of `reference_update`.
+
+    Returns:
+        A dict: `weights` and `velocities` (lists, one entry per micro-step,
+        each a list of per-layer arrays, after that micro-step),
+        `statistics` (of the last applied update, or None),
+        `non_finite_updates` (updates skipped for inf/NaN gradients) and
+        `learning_rates` (the rate of each update).
+    """
+    k = steps or 1
+    schedule = learning_rate if callable(learning_rate) else (
+        lambda t: learning_rate)
+    w = [np.asarray(x, np.float64) for x in weights]
+    v = [np.zeros_like(x) for x in w]
+    out = {"weights": [], "velocities": [], "statistics": None,
+           "non_finite_updates": 0, "learning_rates": []}
+    window = []
+    for i, micro_step in enumerate(micro_steps):
+        window.extend(_as_samples(micro_step))
+        if (i + 1) % k == 0:
+            rate = float(schedule(i // k))
+            out["learning_rates"].append(rate)
+            finite = all(np.all(np.isfinite(g)) for s in window for g in s)
+            if finite:
+                w, v, out["statistics"] = reference_update(
+                    w, v, window, learning_rate=rate, complete=complete,
+                    **kwargs)
+            else:
+                out["non_finite_updates"] += 1
+            window = []
+        out["weights"].append([x.copy() for x in w])
+        out["velocities"].append([x.copy() for x in v])
+    return out
