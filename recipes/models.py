@@ -1,4 +1,12 @@
-"""The models of the recipes: keras.applications plus a CIFAR-style ResNet-20."""
+"""The models of the recipes: keras.applications plus a CIFAR-style ResNet-20.
+
+KerasCV backbones are an optional source: `build_model("kerascv:ResNetBackbone",
+..., kerascv_config={...})` builds `keras_cv.models.ResNetBackbone` from a
+config (never from a preset, which needs the network) and adds a pooling and
+logits head. It needs `pip install keras-cv`.
+"""
+
+import json
 
 import keras
 from keras import layers
@@ -10,6 +18,9 @@ APPLICATIONS = {
     "mobilenet_v2": keras.applications.MobileNetV2,
 }
 MODELS = tuple(APPLICATIONS) + ("resnet20",)
+KERASCV_PREFIX = "kerascv:"
+# keras.applications refuses inputs smaller than this.
+MIN_APPLICATION_SIZE = 32
 
 
 def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
@@ -61,13 +72,68 @@ def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
 
 
+def check_name(name):
+    """Raises ValueError unless `name` is a model `build_model` knows."""
+    if name in MODELS or (
+        name.startswith(KERASCV_PREFIX) and len(name) > len(KERASCV_PREFIX)
+    ):
+        return
+    raise ValueError(
+        f"Unknown model {name!r}; expected one of {', '.join(MODELS)} or "
+        f"{KERASCV_PREFIX}<BackboneClass>."
+    )
+
+
+def kerascv_backbone(class_name, input_shape, config=None):
+    """A `keras_cv.models` backbone built from its config, with random weights.
+
+    Args:
+        class_name: e.g. `ResNetBackbone`, `DenseNetBackbone`.
+        config: the backbone's constructor arguments (a dict or JSON string);
+            `input_shape` is taken from the dataset.
+    """
+    try:
+        import keras_cv
+    except ImportError as error:
+        raise ImportError(
+            f"Model {KERASCV_PREFIX}{class_name} needs KerasCV: pip install keras-cv"
+        ) from error
+    cls = getattr(keras_cv.models, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, keras.Model)):
+        raise ValueError(
+            f"keras_cv.models has no backbone class {class_name!r}."
+        )
+    config = json.loads(config) if isinstance(config, str) else dict(config or {})
+    config["input_shape"] = tuple(input_shape)
+    return cls.from_config(config)
+
+
 def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
-                synchronized_bn=False):
-    """Builds a model by name, with random weights; outputs are logits."""
+                synchronized_bn=False, kerascv_config=None):
+    """Builds a model by name, with random weights; outputs are logits.
+
+    Args:
+        name: one of `MODELS`, or `kerascv:<BackboneClass>`.
+        input_shape: (height, width, channels).
+        num_classes: number of logits.
+        width: ResNet-20's first-stage channels.
+        bn_momentum: BatchNorm momentum of every model but KerasCV's.
+        synchronized_bn: cross-replica BatchNorm (not for KerasCV models).
+        kerascv_config: the KerasCV backbone's config (dict or JSON).
+    """
+    check_name(name)
+    if name.startswith(KERASCV_PREFIX):
+        backbone = kerascv_backbone(name[len(KERASCV_PREFIX):], input_shape, kerascv_config)
+        x = layers.GlobalAveragePooling2D()(backbone.output)
+        outputs = layers.Dense(num_classes)(x)
+        return keras.Model(backbone.input, outputs, name=backbone.name)
     if name == "resnet20":
         return resnet20(input_shape, num_classes, width, bn_momentum, synchronized_bn)
-    if name not in APPLICATIONS:
-        raise ValueError(f"Unknown model {name!r}; expected one of {', '.join(MODELS)}.")
+    if min(input_shape[:2]) < MIN_APPLICATION_SIZE:
+        raise ValueError(
+            f"{name} needs inputs of at least {MIN_APPLICATION_SIZE}x"
+            f"{MIN_APPLICATION_SIZE}; received input_shape={tuple(input_shape)}."
+        )
     model = APPLICATIONS[name](
         weights=None, input_shape=input_shape, classes=num_classes,
         classifier_activation=None,

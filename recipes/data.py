@@ -1,0 +1,215 @@
+"""Input pipelines of the recipes: tf.data, batched at the global micro-batch.
+
+Two augmentation recipes, chosen by the dataset's native image size:
+
+- ImageNet (larger than 32 px): random resized crop (8%-100% of the area,
+  aspect ratio 3/4-4/3) and horizontal flip for training; resize to
+  size / 0.875 and center crop for evaluation.
+- 28-32 px datasets (Fashion-MNIST, CIFAR): pad 4 pixels with zeros, random
+  crop back and horizontal flip (He et al. 2016, section 4.2); no
+  augmentation for evaluation. A random resized crop would throw away most
+  of a 28 px image. It runs on whole batches, so it costs little CPU.
+
+Pixels are scaled to [0, 1] and standardized with the dataset's channel mean
+and standard deviation; labels are one-hot. The training dataset repeats
+forever (`model.fit` is given `steps_per_epoch`) and is batched at the global
+micro-batch; `model.fit` splits each batch over the replicas of the strategy.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_clars import datasets as fashion
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012")
+# (eval split, channel mean, channel std); the train split is "train".
+_STATS = {
+    "fashion_mnist": ("test", (0.2860,), (0.3530,)),
+    "cifar10": ("test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet2012": ("validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+SMALL_PAD = 4
+EVAL_CROP = 0.875
+
+
+class Source:
+    """One split of a dataset: unbatched (uint8 image, int label) examples.
+
+    Attributes:
+        dataset: the `tf.data.Dataset` of examples.
+        num_examples: the split's size, or None when unknown (mocked tfds).
+        num_classes: number of labels.
+        native_size: the images' side, or None when it varies (ImageNet).
+        channels: image channels.
+    """
+
+    def __init__(self, dataset, num_examples, num_classes, native_size, channels):
+        self.dataset = dataset
+        self.num_examples = num_examples
+        self.num_classes = num_classes
+        self.native_size = native_size
+        self.channels = channels
+
+
+def _check_name(name):
+    if name not in DATASETS:
+        raise ValueError(
+            f"Unknown dataset {name!r}; expected one of {', '.join(DATASETS)}."
+        )
+
+
+def load(name, split, data_dir=None, download=False):
+    """Loads split `"train"` or `"eval"` of a dataset as a `Source`.
+
+    Args:
+        name: one of `DATASETS`.
+        split: `"train"` or `"eval"` (the test or validation split).
+        data_dir: tfds's data folder, or the folder of the Fashion-MNIST
+            files; None for the default.
+        download: let tensorflow-datasets download and prepare the data.
+
+    Raises:
+        FileNotFoundError: the data is not there (and `download` is off), with
+            instructions. It is raised before anything is read or built.
+    """
+    _check_name(name)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval'; received split={split!r}.")
+    eval_split = _STATS[name][0]
+    if name == "fashion_mnist":
+        images, labels = fashion.load_fashion_mnist(
+            "train" if split == "train" else "test",
+            data_dir or fashion.FASHION_MNIST_DIR,
+        )
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (images[..., np.newaxis], labels.astype(np.int32))
+        )
+        return Source(dataset, len(images), 10, 28, 1)
+
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    tfds_split = "train" if split == "train" else eval_split
+    try:
+        # The same check as tfds.load (is the prepared data_dir/name/version
+        # there?), made through the builder so tfds.testing.mock_data applies.
+        dataset = builder.as_dataset(
+            split=tfds_split, as_supervised=True, shuffle_files=split == "train"
+        )
+    except AssertionError as error:
+        manual = (
+            " (ImageNet: first place its archives by hand in "
+            "<data_dir>/downloads/manual)" if name == "imagenet2012" else ""
+        )
+        raise FileNotFoundError(
+            f"Dataset {name} version {builder.version} is not prepared in "
+            f"{builder.data_dir}. Pass --data_dir=<folder holding "
+            f"{name}/{builder.version}>, or --download to let "
+            f"tensorflow-datasets download and prepare it{manual}; see "
+            f"https://www.tensorflow.org/datasets/catalog/{name}."
+        ) from error
+    image = builder.info.features["image"]
+    try:
+        num_examples = int(builder.info.splits[tfds_split].num_examples)
+    except KeyError:  # tfds.testing.mock_data: split sizes are not known.
+        num_examples = None
+    native = image.shape[0] if image.shape[0] == image.shape[1] else None
+    return Source(
+        dataset, num_examples, builder.info.features["label"].num_classes,
+        native, image.shape[-1],
+    )
+
+
+def _normalize(name, images):
+    _, mean, std = _STATS[name]
+    images = tf.cast(images, tf.float32) / 255.0
+    return (images - tf.constant(mean)) / tf.constant(std)
+
+
+def pad_crop_flip(images, pad=SMALL_PAD):
+    """Random pad-and-crop plus horizontal flip of a whole batch (NHWC)."""
+    shape = tf.shape(images)
+    n, h, w = shape[0], shape[1], shape[2]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    dy = tf.random.uniform([n], 0, 2 * pad + 1, dtype=tf.int32)
+    dx = tf.random.uniform([n], 0, 2 * pad + 1, dtype=tf.int32)
+    rows = dy[:, None] + tf.range(h)[None, :]
+    cols = dx[:, None] + tf.range(w)[None, :]
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)
+    out = tf.gather(out, cols, axis=2, batch_dims=1)
+    flip = tf.random.uniform([n]) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(out, [2]), out)
+
+
+def random_resized_crop(image, size, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style crop of one image, resized to `size` and maybe flipped."""
+    begin, crop, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        area_range=area,
+        aspect_ratio_range=ratio,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, crop)
+    image = tf.image.resize(image, [size, size])
+    return tf.image.random_flip_left_right(image)
+
+
+def center_crop(image, size, fraction=EVAL_CROP):
+    """Resizes the shorter side to size / fraction and crops the center."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size / fraction) / tf.reduce_min(shape)
+    resized = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, resized)
+    top = (resized[0] - size) // 2
+    left = (resized[1] - size) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=16384,
+             seed=None):
+    """Batches a `Source` for `model.fit` / `model.evaluate`.
+
+    Args:
+        name: the dataset's name (selects the normalization).
+        source: a `Source` from `load`.
+        batch_size: the global (micro-)batch: per-replica batch * replicas.
+        image_size: the side of the model's input.
+        training: augment, shuffle, repeat forever and drop the remainder.
+        shuffle_buffer: examples in the shuffle buffer (the whole split for
+            small datasets).
+        seed: the shuffle's seed (None: the global seed).
+    """
+    dataset = source.dataset
+    classes = source.num_classes
+    small = source.native_size is not None and source.native_size <= 32
+    if training:
+        buffer = min(shuffle_buffer, source.num_examples or shuffle_buffer)
+        dataset = dataset.shuffle(buffer, seed=seed).repeat()
+
+    def finish(images, labels):
+        images = _normalize(name, images)
+        if small and image_size != source.native_size:
+            images = tf.image.resize(images, [image_size, image_size])
+        return images, tf.one_hot(labels, classes)
+
+    if small:
+        dataset = dataset.batch(batch_size, drop_remainder=training)
+        if training:
+            dataset = dataset.map(
+                lambda x, y: (pad_crop_flip(x), y), num_parallel_calls=tf.data.AUTOTUNE
+            )
+    else:
+        crop = (
+            (lambda x, y: (random_resized_crop(x, image_size), y))
+            if training
+            else (lambda x, y: (center_crop(x, image_size), y))
+        )
+        dataset = dataset.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.batch(batch_size, drop_remainder=training)
+    dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

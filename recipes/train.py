@@ -1,0 +1,542 @@
+"""Large-batch training with CLARS, LARS or SGD: one script, absl flags.
+
+    .venv/bin/python recipes/train.py \\
+        --flagfile=recipes/configs/resnet50_imagenet_b16k_clars.cfg \\
+        --data_dir=$HOME/tensorflow_datasets --model_dir=runs/resnet50_clars
+
+With no flags it trains a ResNet-20 on Fashion-MNIST (offline). Every flag
+and the named configs are described in docs/recipes.md. Other scripts call
+`run(Config(...))`; `compare.py` does.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python recipes/train.py` puts recipes/ first, not ROOT.
+    sys.path.insert(0, ROOT)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import keras_clars  # noqa: E402
+from keras_clars import distribution, schedules  # noqa: E402
+from recipes import data, models  # noqa: E402
+
+OPTIMIZERS = ("clars", "lars", "sgd")
+DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+LR_SCALINGS = ("linear", "none")
+IMAGENET_SIZE = 224
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run needs; the fields are the flags of this script."""
+
+    model: str = "resnet20"
+    width: int = 16
+    kerascv_config: str = ""
+    dataset: str = "fashion_mnist"
+    data_dir: str = ""
+    download: bool = False
+    image_size: int = 0
+    optimizer: str = "clars"
+    batch_size: int = 1024
+    micro_batch_size: int = 0
+    base_lr: float = 1.0
+    lr_scaling: str = "none"
+    warmup_epochs: float = 0.0
+    schedule: str = "poly"
+    poly_power: float = 2.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    trust_coefficient: float = 0.001
+    label_smoothing: float = 0.0
+    epochs: int = 10
+    steps_per_epoch: int = 0
+    eval_steps: int = 0
+    strategy: str = "default"
+    tpu: str = ""
+    logical_cpus: int = 0
+    dtype: str = "float32"
+    jit_compile: bool = False
+    model_dir: str = ""
+    checkpoint_steps: int = 0
+    seed: int = 0
+    deterministic: bool = False
+    sync_batchnorm: bool = False
+    bn_momentum: float = 0.9
+    verbose: int = 1
+
+
+HELP = {
+    "model": f"One of {', '.join(models.MODELS)}, or kerascv:<BackboneClass>.",
+    "width": "ResNet-20's first-stage channels (16 in He et al.).",
+    "kerascv_config": "JSON config of a kerascv: backbone (input_shape is set).",
+    "dataset": "Dataset; fashion_mnist is read offline from the Debian package.",
+    "data_dir": "tensorflow-datasets data_dir (or the Fashion-MNIST folder).",
+    "download": "Let tensorflow-datasets download and prepare the dataset.",
+    "image_size": "Model input side; 0: the dataset's (224 for ImageNet; "
+    "at least 32 for keras.applications models).",
+    "optimizer": "clars, lars or sgd (Keras SGD, momentum).",
+    "batch_size": "Global batch B: examples per update, over all replicas.",
+    "micro_batch_size": "Examples per replica per micro-step (the slice size b "
+    "of CLARS); 0: B / replicas. k = B / (b * replicas) micro-steps are "
+    "accumulated per update, so S = replicas * k gradient samples.",
+    "base_lr": "Learning rate (before --lr_scaling); the peak of the schedule.",
+    "lr_scaling": "linear: peak = base_lr * B / 256 (Goyal et al.); none: base_lr.",
+    "warmup_epochs": "Epochs of linear warmup (may be fractional).",
+    "schedule": f"Decay after warmup: {', '.join(schedules.DECAYS)}.",
+    "poly_power": "Exponent of the poly decay.",
+    "momentum": "Heavy-ball momentum.",
+    "nesterov": "Nesterov momentum.",
+    "weight_decay": "Weight decay; coupled for clars/lars, decoupled (Keras) "
+    "for sgd. Never on biases and BatchNorm parameters.",
+    "trust_coefficient": "eta of LARS and CLARS.",
+    "label_smoothing": "Label smoothing of the cross-entropy.",
+    "epochs": "Training epochs.",
+    "steps_per_epoch": "Updates per epoch; 0: the training split / B.",
+    "eval_steps": "Evaluation batches per epoch; 0: the whole split.",
+    "strategy": f"tf.distribute strategy: {', '.join(distribution.STRATEGIES)}.",
+    "tpu": "TPU name or address for --strategy=tpu.",
+    "logical_cpus": "Split the CPU into N logical devices first (testing).",
+    "dtype": f"Keras dtype policy: {', '.join(DTYPES)}.",
+    "jit_compile": "XLA-compile the train step.",
+    "model_dir": "Checkpoints (resumed after an interruption), TensorBoard "
+    "logs, metrics.csv and metrics.json; empty: keep nothing.",
+    "checkpoint_steps": "Also checkpoint every N updates (0: epoch ends only).",
+    "seed": "Random seed (weights, shuffling, augmentation).",
+    "deterministic": "Deterministic TensorFlow ops (slower).",
+    "sync_batchnorm": "Synchronized (cross-replica) BatchNorm.",
+    "bn_momentum": "BatchNorm momentum (Keras: 0.99); 0.9 keeps the statistics "
+    "current when large batches make epochs only a few updates long.",
+    "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line.",
+}
+ENUMS = {
+    "dataset": data.DATASETS,
+    "optimizer": OPTIMIZERS,
+    "lr_scaling": LR_SCALINGS,
+    "schedule": schedules.DECAYS,
+    "strategy": distribution.STRATEGIES,
+    "dtype": DTYPES,
+}
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines one flag per `Config` field, with its default."""
+    definers = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                float: flags.DEFINE_float, str: flags.DEFINE_string}
+    for field in dataclasses.fields(Config):
+        if field.name in ENUMS:
+            flags.DEFINE_enum(field.name, field.default, ENUMS[field.name],
+                              HELP[field.name], flag_values=flag_values)
+        else:
+            definers[field.type](
+                field.name, field.default, HELP[field.name], flag_values=flag_values
+            )
+
+
+def config_from_flags(flag_values=flags.FLAGS):
+    return Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})
+
+
+def config_from_args(args):
+    """A `Config` from command-line arguments, e.g. `["--flagfile=x.cfg"]`."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(["train.py", *args])
+    return config_from_flags(flag_values)
+
+
+def validate(config):
+    """Raises ValueError, naming the flag and value, for a bad `Config`."""
+    models.check_name(config.model)
+    for name, choices in ENUMS.items():
+        value = getattr(config, name)
+        if value not in choices:
+            raise ValueError(
+                f"--{name} must be one of {', '.join(choices)}; received {value!r}."
+            )
+    for name, low in [("base_lr", 0), ("warmup_epochs", 0), ("weight_decay", 0),
+                      ("label_smoothing", 0), ("micro_batch_size", 0),
+                      ("steps_per_epoch", 0), ("eval_steps", 0),
+                      ("checkpoint_steps", 0), ("logical_cpus", 0),
+                      ("image_size", 0), ("batch_size", 1), ("epochs", 1)]:
+        value = getattr(config, name)
+        if not value >= low:
+            raise ValueError(f"--{name} must be >= {low}; received --{name}={value}.")
+    if not config.label_smoothing < 1:
+        raise ValueError(
+            f"--label_smoothing must be < 1; received {config.label_smoothing}."
+        )
+    if not config.warmup_epochs < config.epochs:
+        raise ValueError(
+            f"--warmup_epochs must be < --epochs={config.epochs}; received "
+            f"--warmup_epochs={config.warmup_epochs}."
+        )
+    # The optimizers check their own hyperparameters (momentum, ...).
+    make_optimizer(config, config.base_lr)
+
+
+def batch_layout(batch_size, micro_batch_size, replicas):
+    """Returns (b, k, S): slice size, micro-steps per update, samples per update.
+
+    Raises:
+        ValueError: B is not b * replicas * k for an integer k.
+    """
+    micro = micro_batch_size or batch_size // replicas
+    if micro < 1 or batch_size % (micro * replicas):
+        raise ValueError(
+            f"--batch_size={batch_size} is not divisible by --micro_batch_size="
+            f"{micro_batch_size or micro} times {replicas} replicas "
+            f"(= {micro * replicas})."
+        )
+    k = batch_size // (micro * replicas)
+    return micro, k, replicas * k
+
+
+def check_accumulation(optimizer, accumulation_steps, replicas):
+    """Raises ValueError for what Keras SGD cannot do: accumulate across replicas.
+
+    Keras's own gradient accumulation calls a merge_call inside a cond, which
+    tf.distribute refuses when tracing; CLARS and LARS accumulate their own way.
+    """
+    if optimizer == "sgd" and accumulation_steps > 1 and replicas > 1:
+        raise ValueError(
+            f"--optimizer=sgd cannot accumulate gradients (k={accumulation_steps}) "
+            f"over {replicas} replicas: Keras SGD's accumulation fails under "
+            "tf.distribute. Use --micro_batch_size=batch_size/replicas (k=1)."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_clars_recipes")
+class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+    """Evaluates `schedule` at the update index, given the micro-step count.
+
+    Keras's own optimizers evaluate schedules at the micro-step count when
+    they accumulate gradients; the recipes count schedules in updates.
+    """
+
+    def __init__(self, schedule, accumulation_steps):
+        self.schedule = schedule
+        self.accumulation_steps = accumulation_steps
+
+    def __call__(self, step):
+        return self.schedule(step // self.accumulation_steps)
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)
+
+
+def make_optimizer(config, learning_rate, accumulation_steps=1, model=None):
+    """The optimizer of `config`: CLARS, LARS or Keras SGD.
+
+    CLARS and LARS take weight decay coupled, in their update. SGD takes it
+    the Keras way, decoupled: w -= lr * weight_decay * w per update, outside
+    the momentum (as strong as a coupled decay of weight_decay * (1 -
+    momentum)). Neither decays variables of rank <= 1.
+    """
+    k = accumulation_steps if accumulation_steps > 1 else None
+    decay = config.weight_decay or None
+    if config.optimizer == "sgd":
+        if k and isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            learning_rate = PerUpdate(learning_rate, k)
+        optimizer = keras.optimizers.SGD(
+            learning_rate, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=decay, gradient_accumulation_steps=k,
+        )
+        if model is not None and decay:
+            optimizer.exclude_from_weight_decay(
+                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
+            )
+        return optimizer
+    cls = keras_clars.CLARS if config.optimizer == "clars" else keras_clars.LARS
+    return cls(
+        learning_rate, momentum=config.momentum,
+        trust_coefficient=config.trust_coefficient, weight_decay=decay,
+        nesterov=config.nesterov, gradient_accumulation_steps=k,
+    )
+
+
+def image_size(config, source):
+    """The model's input side: the flag, or what the dataset and model allow."""
+    if config.image_size:
+        return config.image_size
+    if source.native_size is None:
+        return IMAGENET_SIZE
+    if config.model != "resnet20":
+        return max(source.native_size, models.MIN_APPLICATION_SIZE)
+    return source.native_size
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def optimizer_digest(optimizer):
+    """A fingerprint of the optimizer's state: (micro-steps, sum of |values|)."""
+    total = sum(
+        float(np.abs(keras.ops.convert_to_numpy(v.value)).astype(np.float64).sum())
+        for v in optimizer.variables
+    )
+    return int(keras.ops.convert_to_numpy(_inner(optimizer)._iterations)), total
+
+
+def _write_json(path, value):
+    tmp = path + ".tmp"
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Saves weights and optimizer state; the newest complete save resumes.
+
+    A save is `step-N.weights.h5` (N micro-steps done) and then `step-N.json`,
+    written last: a save without its JSON (a process killed while writing)
+    is ignored. Keras's BackupAndRestore is not used because it restarts an
+    interrupted epoch from its first batch.
+
+    Args:
+        directory: where the saves go.
+        every: micro-steps between saves (0: only at epoch ends).
+        steps_per_epoch: micro-steps per epoch.
+    """
+
+    def __init__(self, directory, every, steps_per_epoch):
+        super().__init__()
+        self.directory = directory
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+        self.done = 0
+        os.makedirs(directory, exist_ok=True)
+
+    def latest(self):
+        """The newest complete save's metadata, or None."""
+        saves = glob.glob(os.path.join(self.directory, "step-*.json"))
+        steps = sorted(int(re.search(r"step-(\d+)\.json$", s).group(1)) for s in saves)
+        if not steps:
+            return None
+        with open(os.path.join(self.directory, f"step-{steps[-1]}.json")) as f:
+            return json.load(f)
+
+    def restore(self, model):
+        """Loads the newest save into `model` (built, compiled); returns its step."""
+        state = self.latest()
+        if state is None:
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(self.directory, state["weights"]))
+        self.done = state["micro_steps"]
+        return self.done
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.done += 1
+        if self.every and self.done % self.every == 0 and self.done % self.steps_per_epoch:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+    def save(self):
+        name = f"step-{self.done}"
+        weights = name + ".weights.h5"
+        self.model.save_weights(os.path.join(self.directory, weights), overwrite=True)
+        iterations, digest = optimizer_digest(self.model.optimizer)
+        epoch, step = divmod(self.done, self.steps_per_epoch)
+        _write_json(os.path.join(self.directory, name + ".json"), {
+            "weights": weights, "micro_steps": self.done, "epoch": epoch,
+            "step": step, "optimizer_micro_steps": iterations,
+            "optimizer_digest": digest,
+        })
+        for old in glob.glob(os.path.join(self.directory, "step-*")):
+            if not os.path.basename(old).startswith(name + "."):
+                os.remove(old)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Adds the learning rate and epoch time to the logs; keeps every epoch.
+
+    Runs before the CSV and TensorBoard loggers, so they see both. With a
+    `path`, rewrites the JSON list of epochs after each one.
+    """
+
+    def __init__(self, path=None, epochs=()):
+        super().__init__()
+        self.path = path
+        self.epochs = list(epochs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate))
+        logs["epoch_time"] = time.time() - self.start
+        logs["updates"] = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+        if self.path:
+            _write_json(self.path, self.epochs)
+
+
+def run(config):
+    """Trains as `config` says.
+
+    Returns:
+        A dict: `epochs` (one dict of metrics per epoch, including those of
+        a run that was resumed), `summary` (the layout b, k, S, the
+        schedule, wall time, the resume point and the final evaluation).
+    """
+    if config.logical_cpus:  # before anything initializes TensorFlow's devices
+        distribution.use_logical_cpus(config.logical_cpus)
+    validate(config)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.config.set_dtype_policy(config.dtype)
+    strategy = distribution.make_strategy(config.strategy, config.tpu or None)
+    replicas = strategy.num_replicas_in_sync
+    micro, k, samples = batch_layout(config.batch_size, config.micro_batch_size, replicas)
+    check_accumulation(config.optimizer, k, replicas)
+
+    train_source = data.load(config.dataset, "train", config.data_dir or None, config.download)
+    eval_source = data.load(config.dataset, "eval", config.data_dir or None, config.download)
+    updates = config.steps_per_epoch or (train_source.num_examples or 0) // config.batch_size
+    if updates < 1:
+        raise ValueError(
+            f"No full batch of --batch_size={config.batch_size} in "
+            f"{train_source.num_examples} training examples; set --steps_per_epoch."
+        )
+    steps = updates * k  # micro-steps per epoch: what model.fit counts
+    total = updates * config.epochs
+    warmup = round(config.warmup_epochs * updates)
+    peak = schedules.scaled_learning_rate(config.base_lr, config.batch_size, config.lr_scaling)
+    schedule = schedules.WarmupDecay(
+        peak, total, warmup, config.schedule, power=config.poly_power
+    )
+    size = image_size(config, train_source)
+    summary = {
+        "replicas": replicas, "slice_size_b": micro, "accumulation_k": k,
+        "samples_S": samples, "global_batch_B": config.batch_size,
+        "updates_per_epoch": updates, "micro_steps_per_epoch": steps,
+        "total_updates": total, "warmup_updates": warmup, "peak_lr": peak,
+        "image_size": size,
+    }
+    print(
+        f"{config.optimizer}: B={config.batch_size} = {replicas} replicas x "
+        f"b={micro} (slice size) x k={k} micro-steps; S={samples} gradient "
+        f"samples per update. {updates} updates/epoch ({steps} micro-steps, "
+        f"what the progress bar counts), {total} updates; peak lr {peak:g}, "
+        f"{warmup} warmup updates, {config.schedule} decay.", flush=True,
+    )
+
+    with strategy.scope():
+        model = models.build_model(
+            config.model, (size, size, train_source.channels),
+            train_source.num_classes, width=config.width,
+            bn_momentum=config.bn_momentum, synchronized_bn=config.sync_batchnorm,
+            kerascv_config=config.kerascv_config or None,
+        )
+        model.compile(
+            optimizer=make_optimizer(config, schedule, k, model),
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            ),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=config.jit_compile,
+        )
+        model.optimizer.build(model.trainable_variables)
+
+    checkpointer, previous = None, []
+    callbacks = []
+    if config.model_dir:
+        os.makedirs(config.model_dir, exist_ok=True)
+        checkpointer = Checkpointer(
+            os.path.join(config.model_dir, "checkpoints"),
+            config.checkpoint_steps * k, steps,
+        )
+        start = checkpointer.restore(model)
+        metrics_path = os.path.join(config.model_dir, "metrics.json")
+        if start and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                previous = [e for e in json.load(f) if e["epoch"] < start // steps]
+        epoch_log = EpochLog(metrics_path, previous)
+        csv = keras.callbacks.CSVLogger(
+            os.path.join(config.model_dir, "metrics.csv"), append=bool(start)
+        )
+        callbacks = [epoch_log, csv, keras.callbacks.TensorBoard(
+            os.path.join(config.model_dir, "logs"), write_graph=False
+        ), checkpointer]
+    else:
+        start, epoch_log = 0, EpochLog()
+        callbacks = [epoch_log]
+    micro_steps, digest = optimizer_digest(model.optimizer)
+    summary["resumed_at"] = {
+        "micro_steps": start, "epoch": start // steps, "step": start % steps,
+        "optimizer_micro_steps": micro_steps, "optimizer_digest": digest,
+    }
+    if config.model_dir:
+        _write_json(os.path.join(config.model_dir, "resume.json"), summary["resumed_at"])
+    if start:
+        print(f"Resumed from {config.model_dir} at epoch {start // steps}, "
+              f"micro-step {start % steps} of {steps}.", flush=True)
+
+    # A fresh shuffle after a restart: the data order is not replayed.
+    train = data.pipeline(config.dataset, train_source, micro * replicas, size,
+                          training=True, seed=config.seed * 1_000_003 + start)
+    evaluation = data.pipeline(config.dataset, eval_source, micro * replicas, size,
+                               training=False)
+    epoch, step = divmod(start, steps)
+    phases = []  # (first epoch, end epoch, micro-steps per epoch) of each fit
+    if step:  # finish the interrupted epoch, then the rest
+        phases.append((epoch, epoch + 1, steps - step))
+        epoch += 1
+    if epoch < config.epochs:
+        phases.append((epoch, config.epochs, steps))
+    began = time.time()
+    for begin, end, epoch_steps in phases:
+        model.fit(
+            train, epochs=end, initial_epoch=begin, steps_per_epoch=epoch_steps,
+            validation_data=evaluation, validation_steps=config.eval_steps or None,
+            callbacks=callbacks, verbose=config.verbose,
+            shuffle=False,  # the dataset shuffles
+        )
+        if config.model_dir:
+            csv.append = True
+    summary["train_seconds"] = time.time() - began
+    summary["final_updates"] = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    summary["final"] = epoch_log.epochs[-1] if epoch_log.epochs else {}
+    if config.model_dir:
+        _write_json(os.path.join(config.model_dir, "summary.json"), summary)
+    return {"epochs": epoch_log.epochs, "summary": summary, "model": model}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        run(config_from_flags())
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        sys.exit(f"train.py: error: {error}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

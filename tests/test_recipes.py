@@ -1,0 +1,264 @@
+"""recipes/train.py, its input pipelines and the main job recipes/compare.py."""
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_clars import datasets, schedules
+from recipes import compare, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "recipes", "train.py")
+HAVE_FASHION = os.path.exists(
+    os.path.join(datasets.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")
+)
+needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason="dataset-fashion-mnist missing")
+# Tiny, fast settings shared by the end-to-end runs.
+TINY = ["--width=2", "--eval_steps=1", "--verbose=0"]
+
+
+def _train(args, timeout=300, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT, **kwargs)
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _csv_epochs(path):
+    with open(path) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------ data
+
+
+@needs_fashion
+def test_fashion_mnist_matches_known_facts():
+    for split, count in (("train", 60000), ("test", 10000)):
+        images, labels = datasets.load_fashion_mnist(split)
+        assert images.shape == (count, 28, 28) and images.dtype == np.uint8
+        assert labels.shape == (count,) and labels.dtype == np.uint8
+        np.testing.assert_array_equal(np.bincount(labels), [count // 10] * 10)
+        assert images.max() == 255 and images.min() == 0
+
+
+def test_pad_crop_flip_moves_pixels_without_losing_them():
+    images = np.zeros((64, 28, 28, 1), np.float32)
+    images[:, 12, 13, 0] = 1.0  # far enough from the border to survive a shift
+    out = data.pad_crop_flip(tf.constant(images)).numpy()
+    assert out.shape == images.shape
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), 1.0)
+    rows, cols = np.nonzero(out[..., 0].max(axis=0))
+    assert len(set(rows)) > 1 and len(set(cols)) > 1  # crops differ by image
+    assert set(rows) <= set(range(12 - 4, 12 + 5))  # shifted by at most 4
+
+
+def test_imagenet_crops_have_the_model_size():
+    image = tf.random.uniform((50, 70, 3), maxval=255)
+    assert data.random_resized_crop(image, 32).shape == (32, 32, 3)
+    center = data.center_crop(image, 32)
+    assert center.shape == (32, 32, 3)
+
+
+@needs_fashion
+def test_fashion_pipeline_batches_standardized_one_hot():
+    source = data.load("fashion_mnist", "eval")
+    images, labels = next(iter(data.pipeline("fashion_mnist", source, 500, 28, False)))
+    assert images.shape == (500, 28, 28, 1) and labels.shape == (500, 10)
+    np.testing.assert_array_equal(tf.reduce_sum(labels, 1), 1.0)
+    assert abs(float(tf.reduce_mean(images))) < 0.2
+    assert 0.7 < float(tf.math.reduce_std(images)) < 1.3
+    resized, _ = next(iter(data.pipeline("fashion_mnist", source, 8, 32, True)))
+    assert resized.shape == (8, 32, 32, 1)
+
+
+# ------------------------------------------------------------- the layout
+
+
+def test_batch_layout():
+    assert train.batch_layout(4096, 256, 1) == (256, 16, 16)
+    assert train.batch_layout(4096, 0, 2) == (2048, 1, 2)
+    assert train.batch_layout(512, 64, 2) == (64, 4, 8)
+    with pytest.raises(ValueError, match="--batch_size=1000 is not divisible by "
+                       "--micro_batch_size=300 times 1 replicas"):
+        train.batch_layout(1000, 300, 1)
+    with pytest.raises(ValueError, match="--batch_size=100 .* 3 replicas"):
+        train.batch_layout(100, 0, 3)
+
+
+def test_sgd_cannot_accumulate_over_replicas():
+    train.check_accumulation("sgd", 4, 1)
+    train.check_accumulation("clars", 4, 2)
+    train.check_accumulation("sgd", 1, 2)
+    with pytest.raises(ValueError, match=r"--optimizer=sgd cannot accumulate gradients \(k=4\) over 2"):
+        train.check_accumulation("sgd", 4, 2)
+
+
+def test_sgd_schedule_counts_updates_not_micro_steps():
+    schedule = schedules.WarmupDecay(1.0, total_steps=10, warmup_steps=4)
+    optimizer = train.make_optimizer(train.Config(optimizer="sgd"), schedule, 4)
+    assert optimizer.gradient_accumulation_steps == 4
+    optimizer.build([keras.Variable(np.zeros(3, np.float32))])
+    for micro_step in (0, 3, 4, 7, 13):
+        # Keras evaluates the schedule at its micro-step count `_iterations`.
+        optimizer._iterations.assign(micro_step)
+        np.testing.assert_allclose(
+            float(optimizer.learning_rate), float(schedule(micro_step // 4)), rtol=1e-6
+        )
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "configs", "*.cfg"))))
+def test_named_configs_parse_and_validate(path):
+    config = train.config_from_args([f"--flagfile={path}"])
+    train.validate(config)
+    name = os.path.basename(path)
+    assert config.optimizer == name[:-4].rsplit("_", 1)[1]
+    # CLARS never warms up; the baselines do.
+    assert (config.warmup_epochs == 0) == (config.optimizer == "clars")
+
+
+# --------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="vgg16"), "Unknown model 'vgg16'"),
+    (dict(dataset="mnist"), "--dataset must be one of .* received 'mnist'"),
+    (dict(optimizer="adam"), "--optimizer must be one of .* received 'adam'"),
+    (dict(base_lr=-0.1), r"--base_lr must be >= 0; received --base_lr=-0.1"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(warmup_epochs=3, epochs=2), "--warmup_epochs must be < --epochs=2"),
+    (dict(batch_size=1000, micro_batch_size=300), "--batch_size=1000 is not divisible"),
+])
+def test_bad_flags_fail_fast(change, message):
+    with pytest.raises(ValueError, match=message):
+        train.run(train.Config(**change))
+
+
+def test_missing_tfds_dataset_fails_with_instructions(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar10 version .* --download"):
+        train.run(train.Config(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_command_line_reports_bad_flags():
+    result = _train(["--model=vgg16"], timeout=120)
+    assert result.returncode != 0
+    assert "train.py: error: Unknown model 'vgg16'" in result.stderr
+
+
+# --------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("dataset, classes", [("imagenet2012", 1000), ("cifar10", 10)])
+def test_train_runs_on_mock_tfds(dataset, classes, tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = train.Config(
+        model="resnet20", width=2, dataset=dataset, data_dir=str(tmp_path / "tfds"),
+        image_size=32, batch_size=8, micro_batch_size=4, steps_per_epoch=2,
+        eval_steps=1, epochs=1, model_dir=str(tmp_path / "run"), verbose=0,
+    )
+    with tfds.testing.mock_data(num_examples=12):
+        result = train.run(config)
+    summary = result["summary"]
+    assert (summary["accumulation_k"], summary["samples_S"]) == (2, 2)
+    assert summary["final_updates"] == 2
+    assert result["model"].output_shape == (None, classes)
+    (epoch,) = result["epochs"]
+    assert np.isfinite(epoch["loss"]) and 0 <= epoch["val_accuracy"] <= 1
+    assert _csv_epochs(tmp_path / "run" / "metrics.csv") == [0]
+    assert [e["epoch"] for e in _read(tmp_path / "run" / "metrics.json")] == [0]
+    assert glob.glob(str(tmp_path / "run" / "logs" / "train" / "events.*"))
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_fashion_mnist_mirrored_on_two_logical_cpus(tmp_path):
+    result = _train([*TINY, "--strategy=mirrored", "--logical_cpus=2",
+                     "--batch_size=256", "--micro_batch_size=64", "--steps_per_epoch=3",
+                     "--epochs=1", f"--model_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _read(tmp_path / "summary.json")
+    assert summary["replicas"] == 2
+    assert (summary["slice_size_b"], summary["accumulation_k"], summary["samples_S"]) == (64, 2, 4)
+    assert summary["final_updates"] == 3
+    assert np.isfinite(summary["final"]["loss"])
+    assert "S=4 gradient samples per update" in result.stdout
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_killed_run_resumes_at_the_same_step_and_state(tmp_path):
+    # 12 updates of k=2 micro-steps an epoch: 24 micro-steps; a save every 4.
+    args = [*TINY, "--batch_size=128", "--micro_batch_size=64", "--steps_per_epoch=12",
+            "--epochs=2", "--checkpoint_steps=2", f"--model_dir={tmp_path}"]
+    steps = 24
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saves = str(tmp_path / "checkpoints" / "step-*.json")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and process.poll() is None:
+            done = [int(p.rsplit("-", 1)[1][:-5]) for p in glob.glob(saves)]
+            if any(steps < d < 2 * steps for d in done):  # mid second epoch
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "training ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    # The newest complete save, as the rerun picks it.
+    saved = max((_read(p) for p in glob.glob(saves)), key=lambda s: s["micro_steps"])
+    assert steps < saved["micro_steps"] < 2 * steps
+    assert _csv_epochs(tmp_path / "metrics.csv") == [0]
+
+    result = _train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = _read(tmp_path / "resume.json")
+    assert resumed["epoch"] == 1 and resumed["step"] == saved["micro_steps"] - steps
+    assert resumed["micro_steps"] == saved["micro_steps"]
+    # The optimizer state is the one saved: its step count and its values.
+    assert resumed["optimizer_micro_steps"] == saved["optimizer_micro_steps"] == saved["micro_steps"]
+    assert resumed["optimizer_digest"] == pytest.approx(saved["optimizer_digest"], rel=1e-12)
+    assert resumed["optimizer_digest"] > 0
+    assert f"Resumed from {tmp_path} at epoch 1, micro-step {resumed['step']}" in result.stdout
+    # It finished the second epoch, not restarted it: 24 updates in all.
+    summary = _read(tmp_path / "summary.json")
+    assert summary["final_updates"] == 24
+    assert _csv_epochs(tmp_path / "metrics.csv") == [0, 1]
+    assert [e["epoch"] for e in _read(tmp_path / "metrics.json")] == [0, 1]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_compare_writes_table_plot_and_json(tmp_path):
+    # One method keeps it short; the main job runs all three the same way.
+    results = compare.compare(
+        ["clars"], compare.FLAGS["config_prefix"].default,
+        ["width=2", "batch_size=512", "steps_per_epoch=1", "epochs=2",
+         "eval_steps=1", "verbose=0"],
+        str(tmp_path),
+    )
+    (result,) = results
+    assert result["method"] == "clars" and len(result["epochs"]) == 2
+    assert result["summary"]["samples_S"] == 2  # 512 / b=256
+    assert result["summary"]["final_updates"] == 2
+    text = compare.table(results)
+    assert text.splitlines()[2].startswith("clars")
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    assert [r["method"] for r in _read(tmp_path / "results.json")] == ["clars"]
