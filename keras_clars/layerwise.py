@@ -296,15 +296,15 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         variables = list(trainable_variables)
         replicas = distribution.num_replicas()
         if self.uses_complete_norm:
+            # Sample norms are taken before the all-reduce, and before clipping.
             local = self._micro_step_norms(grads, variables)
             reduced = distribution.all_reduce_sum(list(grads) + [ops.stack(local)])
-            grads, norms = reduced[:-1], reduced[-1] / replicas
+            grads, norms = self._clip_gradients(reduced[:-1]), reduced[-1] / replicas
         else:
-            grads = distribution.all_reduce_sum(grads)
+            grads = self._clip_gradients(distribution.all_reduce_sum(grads))
             norms = ops.stack(
                 [ops.cast(transforms.l2_norm(g), self._norm_dtype) for g in grads]
             )
-        grads = self._clip_gradients(grads)
 
         steps = self.gradient_accumulation_steps
         indices = [self._get_variable_index(v) for v in variables]
@@ -316,126 +316,153 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 (len(self._trainable_variables),),
             )
             window = self._norm_accumulator.value + ops.cast(full, self._norm_dtype)
-            layer_norms = [window[i] for i in indices]
+            layer_norms = [window[i] / steps for i in indices]
             is_update = ops.equal((self._iterations + 1) % steps, 0)
         else:
             window = norms
             layer_norms = ops.unstack(norms)
-            is_update = True
+            is_update = ops.convert_to_tensor(True)
+        # The norms cover every gradient, so they also tell if all are finite.
         finite = ops.all(ops.isfinite(window))
         learning_rate = ops.cast(self.learning_rate, self._norm_dtype)
+        apply_now = ops.logical_and(is_update, finite)
 
-        def step_all_layers(dist, grads, layer_norms, window, rate, update, ok):
-            for variable, grad, norm in zip(variables, grads, layer_norms):
-                distribution.update_variable(
-                    dist,
-                    variable,
-                    self._update_layer,
-                    (grad, norm, rate, update, ok),
-                )
+        def step(dist, grads, layer_norms, window, rate, is_update, finite,
+                 apply_now):
             if steps:
+                for variable, grad in zip(variables, grads):
+                    distribution.update_variable(
+                        dist, self._accumulator(variable), self._accumulate, (grad,)
+                    )
                 distribution.update_variable(
-                    dist, self._norm_accumulator, self._roll_window, (window, update)
+                    dist, self._norm_accumulator, self._roll_window,
+                    (window, is_update),
                 )
+
+            def update_all_layers(mask):
+                for variable, grad, norm in zip(variables, grads, layer_norms):
+                    distribution.update_variable(
+                        dist, variable, self._update_layer,
+                        (grad, norm, rate, mask),
+                    )
+
+            self._when(dist, apply_now, update_all_layers)
+            if steps:
+                self._when(dist, is_update, self._reset_accumulators(dist, variables))
             distribution.update_variable(
-                dist, self._non_finite_updates, self._count_skip, (update, ok)
+                dist, self._non_finite_updates, self._count_skip,
+                (is_update, finite),
             )
 
         distribution.cross_replica_call(
-            step_all_layers, grads, layer_norms, window, learning_rate,
-            is_update, finite,
+            step, grads, layer_norms, window, learning_rate, is_update, finite,
+            apply_now,
         )
 
+    # Conditional assignment. TensorFlow takes one `cond` around all layers
+    # (one per layer made tracing big models 10x slower). JAX cannot assign
+    # inside `lax.cond` in Keras's stateless scope, so there each assignment
+    # selects with a mask instead, which XLA fuses into the update.
+
+    def _when(self, dist, condition, fn):
+        """Runs `fn(mask)` only where `condition` holds."""
+        if keras.backend.backend() == "tensorflow":
+            if dist is not None:
+                # Every replica holds the same value after the all-reduce.
+                condition = dist.experimental_local_results(condition)[0]
+            ops.cond(condition, lambda: fn(None), lambda: None)
+        else:
+            fn(condition)
+
+    def _assign(self, variable, value, mask):
+        if mask is not None:
+            value = ops.where(mask, value, ops.convert_to_tensor(variable))
+        self.assign(variable, value)
+
+    def _accumulator(self, variable):
+        return self._accumulated_gradients[self._get_variable_index(variable)]
+
+    def _accumulate(self, accumulator, grad):
+        self.assign_add(accumulator, ops.cast(grad, accumulator.dtype))
+
+    def _reset_accumulators(self, dist, variables):
+        def reset(mask):
+            for variable in variables:
+                distribution.update_variable(
+                    dist, self._accumulator(variable),
+                    lambda acc, mask: self._assign(
+                        acc, ops.zeros(acc.shape, acc.dtype), mask
+                    ),
+                    (mask,),
+                )
+
+        return reset
+
     def _roll_window(self, accumulator, window, is_update):
-        self.assign(
-            accumulator,
-            ops.where(is_update, ops.zeros_like(window), window),
-        )
+        self.assign(accumulator, ops.where(is_update, ops.zeros_like(window), window))
 
     def _count_skip(self, counter, is_update, finite):
         skipped = ops.logical_and(is_update, ops.logical_not(finite))
         self.assign_add(counter, ops.cast(skipped, "int32"))
 
-    def _update_layer(self, variable, grad, norm, learning_rate, is_update, finite):
-        """Accumulates, or applies the spec's update to one layer (one device)."""
+    def _update_layer(self, variable, grad, norm, learning_rate, mask):
+        """The spec's update of one layer on one device.
+
+        `norm` is N_l: the mean sample norm (CLARS) or, without accumulation,
+        ||g_l|| (LARS). `mask` is None when the caller already decided to
+        update, else a boolean tensor (JAX).
+        """
         index = self._get_variable_index(variable)
         velocity = self._velocities[index]
-        statistics = self._layer_statistics[index]
         steps = self.gradient_accumulation_steps
+        if steps:
+            grad = ops.convert_to_tensor(self._accumulated_gradients[index]) / steps
+        grad = ops.cast(grad, variable.dtype)
+        w = ops.convert_to_tensor(variable)
+        decay = self.weight_decay if self._decayed[index] else 0.0
+        weight_norm = transforms.l2_norm(w)
         # Given sample norms are samples of their own, even with R = k = 1.
         one_sample = (
             not steps
             and distribution.num_replicas() == 1
             and self._pending_sample_norms is None
         )
-        grad = ops.cast(grad, variable.dtype)
-
-        if steps:
-            accumulator = self._accumulated_gradients[index]
-            summed = accumulator + grad
-            mean_grad = summed / steps
-            complete_norm = norm / steps
+        if not steps and (one_sample or not self.uses_complete_norm):
+            gradient_norm = norm  # Already ||g_l||.
         else:
-            mean_grad = grad
-            complete_norm = norm
-
-        def updated():
-            w = ops.convert_to_tensor(variable)
-            decay = self.weight_decay if self._decayed[index] else 0.0
-            weight_norm = transforms.l2_norm(w)
-            if self.uses_complete_norm and not one_sample:
-                gradient_norm = transforms.l2_norm(mean_grad)
-                sample_norm = complete_norm
-            elif not steps:
-                # LARS, or CLARS with one sample: the norm is already ||g||.
-                gradient_norm = sample_norm = complete_norm
-            else:
-                gradient_norm = sample_norm = transforms.l2_norm(mean_grad)
-            ratio = (
-                transforms.trust_ratio(
-                    weight_norm,
-                    sample_norm,
-                    self.trust_coefficient,
-                    decay,
-                    self.epsilon,
-                )
-                if self._adapted[index]
-                else ops.ones_like(weight_norm)
+            gradient_norm = transforms.l2_norm(grad)
+        sample_norm = norm if self.uses_complete_norm else gradient_norm
+        ratio = (
+            transforms.trust_ratio(
+                weight_norm, sample_norm, self.trust_coefficient, decay,
+                self.epsilon,
             )
-            direction = mean_grad + decay * w if decay else mean_grad
-            scale = ops.cast(learning_rate * ratio, variable.dtype)
-            new_velocity, step = transforms.heavy_ball(
-                ops.convert_to_tensor(velocity),
-                scale * direction,
-                ops.cast(self.momentum, variable.dtype),
-                self.nesterov,
-            )
-            coherence = ops.where(
-                sample_norm > 0, gradient_norm / ops.where(sample_norm > 0, sample_norm, 1), 1
-            )
-            stats = ops.cast(
-                ops.stack([ratio, sample_norm, gradient_norm, weight_norm, coherence]),
-                "float32",
-            )
-            return w - step, new_velocity, stats
-
-        def unchanged():
-            return (
-                ops.convert_to_tensor(variable),
-                ops.convert_to_tensor(velocity),
-                ops.convert_to_tensor(statistics),
-            )
-
-        apply_now = finite if not steps else ops.logical_and(is_update, finite)
-        new_weight, new_velocity, new_stats = ops.cond(apply_now, updated, unchanged)
-        self.assign(variable, new_weight)
-        self.assign(velocity, new_velocity)
-        self.assign(statistics, new_stats)
-        if steps:
-            self.assign(
-                accumulator,
-                ops.where(is_update, ops.zeros_like(summed), summed),
-            )
+            if self._adapted[index]
+            else ops.ones_like(weight_norm)
+        )
+        direction = grad + decay * w if decay else grad
+        scale = ops.cast(learning_rate * ratio, variable.dtype)
+        new_velocity, step = transforms.heavy_ball(
+            ops.convert_to_tensor(velocity),
+            scale * direction,
+            ops.cast(self.momentum, variable.dtype),
+            self.nesterov,
+        )
+        coherence = ops.where(
+            sample_norm > 0,
+            gradient_norm / ops.where(sample_norm > 0, sample_norm, 1),
+            1,
+        )
+        statistics = ops.cast(
+            ops.stack([ratio, sample_norm, gradient_norm, weight_norm, coherence]),
+            "float32",
+        )
+        self._assign(velocity, new_velocity, mask)
+        self._assign(self._layer_statistics[index], statistics, mask)
+        if mask is None:
+            self.assign_sub(variable, step)
+        else:
+            self._assign(variable, w - step, mask)
 
     def get_config(self):
         config = super().get_config()

@@ -15,7 +15,8 @@ def norm_dtype(dtype):
 
 def l2_norm(x):
     """The L2 norm of a whole tensor, accumulated in float32 (or float64)."""
-    x = ops.cast(x, norm_dtype(x.dtype))
+    # Flat first: XLA on CPU reduces a 1-D tensor about twice as fast.
+    x = ops.reshape(ops.cast(x, norm_dtype(x.dtype)), (-1,))
     return ops.sqrt(ops.sum(ops.square(x)))
 
 
