@@ -28,6 +28,10 @@ from absl import app, flags  # noqa: E402
 
 import keras_clars  # noqa: E402
 from keras_clars import distribution, schedules  # noqa: E402
+from keras_clars.callbacks import (  # noqa: E402
+    LayerStatisticsLogger,
+    NonFiniteUpdateMonitor,
+)
 from recipes import data, models  # noqa: E402
 
 OPTIMIZERS = ("clars", "lars", "sgd")
@@ -74,6 +78,7 @@ class Config:
     deterministic: bool = False
     sync_batchnorm: bool = False
     bn_momentum: float = 0.9
+    layer_stats_interval: int = 0
     verbose: int = 1
 
 
@@ -118,6 +123,9 @@ HELP = {
     "sync_batchnorm": "Synchronized (cross-replica) BatchNorm.",
     "bn_momentum": "BatchNorm momentum (Keras: 0.99); 0.9 keeps the statistics "
     "current when large batches make epochs only a few updates long.",
+    "layer_stats_interval": "clars/lars: log per-layer trust ratios and "
+    "coherence every N updates to <model_dir>/layer_statistics.json and "
+    "TensorBoard <model_dir>/logs/layers (0: off; docs/diagnostics.md).",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line.",
 }
 ENUMS = {
@@ -169,7 +177,8 @@ def validate(config):
                       ("label_smoothing", 0), ("micro_batch_size", 0),
                       ("steps_per_epoch", 0), ("eval_steps", 0),
                       ("checkpoint_steps", 0), ("logical_cpus", 0),
-                      ("image_size", 0), ("batch_size", 1), ("epochs", 1)]:
+                      ("image_size", 0), ("batch_size", 1), ("epochs", 1),
+                      ("layer_stats_interval", 0)]:
         value = getattr(config, name)
         if not value >= low:
             raise ValueError(f"--{name} must be >= {low}; received --{name}={value}.")
@@ -181,6 +190,11 @@ def validate(config):
         raise ValueError(
             f"--warmup_epochs must be < --epochs={config.epochs}; received "
             f"--warmup_epochs={config.warmup_epochs}."
+        )
+    if config.layer_stats_interval and config.optimizer == "sgd":
+        raise ValueError(
+            "--layer_stats_interval needs --optimizer=clars or lars; received "
+            "--optimizer=sgd."
         )
     # The optimizers check their own hyperparameters (momentum, ...).
     make_optimizer(config, config.base_lr)
@@ -487,6 +501,15 @@ def run(config):
     else:
         start, epoch_log = 0, EpochLog()
         callbacks = [epoch_log]
+    if config.optimizer != "sgd":
+        callbacks.append(NonFiniteUpdateMonitor())
+        if config.layer_stats_interval:
+            out = config.model_dir
+            callbacks.append(LayerStatisticsLogger(
+                interval=config.layer_stats_interval,
+                log_dir=os.path.join(out, "logs", "layers") if out else None,
+                json_path=os.path.join(out, "layer_statistics.json") if out else None,
+            ))
     micro_steps, digest = optimizer_digest(model.optimizer)
     summary["resumed_at"] = {
         "micro_steps": start, "epoch": start // steps, "step": start % steps,
