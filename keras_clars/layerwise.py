@@ -38,6 +38,13 @@ def _as_float(name, value):
         raise ValueError(f"{name} must be a number; received {name}={value!r}.")
 
 
+def _handle(variable):
+    """The resource handle of a TensorFlow variable (on this device)."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.handle
+
+
 class LayerwiseOptimizer(keras.optimizers.Optimizer):
     """Base class of `LARS` and `CLARS`; see their docstrings."""
 
@@ -442,12 +449,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         )
         direction = grad + decay * w if decay else grad
         scale = ops.cast(learning_rate * ratio, variable.dtype)
-        new_velocity, step = transforms.heavy_ball(
-            ops.convert_to_tensor(velocity),
-            scale * direction,
-            ops.cast(self.momentum, variable.dtype),
-            self.nesterov,
-        )
+        update = scale * direction
+        momentum = ops.cast(self.momentum, variable.dtype)
         coherence = ops.where(
             sample_norm > 0,
             gradient_norm / ops.where(sample_norm > 0, sample_norm, 1),
@@ -457,12 +460,27 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             ops.stack([ratio, sample_norm, gradient_norm, weight_norm, coherence]),
             "float32",
         )
-        self._assign(velocity, new_velocity, mask)
         self._assign(self._layer_statistics[index], statistics, mask)
-        if mask is None:
-            self.assign_sub(variable, step)
-        else:
-            self._assign(variable, w - step, mask)
+        if mask is None and distribution.is_tensorflow():
+            # TensorFlow's fused momentum kernel: v <- m * v + u, then
+            # w <- w - v (nesterov: w - (m * v + u)), in one pass instead of
+            # four; the same rule as transforms.heavy_ball.
+            import tensorflow as tf
+
+            tf.raw_ops.ResourceApplyMomentum(
+                var=_handle(variable),
+                accum=_handle(velocity),
+                lr=ops.ones((), variable.dtype),
+                grad=update,
+                momentum=momentum,
+                use_nesterov=self.nesterov,
+            )
+            return
+        new_velocity, step = transforms.heavy_ball(
+            ops.convert_to_tensor(velocity), update, momentum, self.nesterov
+        )
+        self._assign(velocity, new_velocity, mask)
+        self._assign(variable, ops.convert_to_tensor(variable) - step, mask)
 
     def get_config(self):
         config = super().get_config()

@@ -5,6 +5,7 @@ own against NumPy and reused by every optimizer in this package, in the
 spirit of optax's chains of small transforms.
 """
 
+import keras
 from keras import ops
 
 
@@ -17,6 +18,11 @@ def l2_norm(x):
     """The L2 norm of a whole tensor, accumulated in float32 (or float64)."""
     # Flat first: XLA on CPU reduces a 1-D tensor about twice as fast.
     x = ops.reshape(ops.cast(x, norm_dtype(x.dtype)), (-1,))
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # One kernel (sum(x**2) / 2), where square-then-sum makes two passes.
+        return ops.sqrt(2.0 * tf.nn.l2_loss(x))
     return ops.sqrt(ops.sum(ops.square(x)))
 
 
