@@ -11,7 +11,7 @@ $(PY):
 
 setup: $(PY) $(FASHION_MNIST)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,jax,recipes,test]"
+	$(PY) -m pip install -q -e ".[cpu,jax,recipes,test,kerascv]"
 
 # Debian's package of the full Fashion-MNIST: the offline default data.
 $(FASHION_MNIST):
