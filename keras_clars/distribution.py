@@ -95,3 +95,37 @@ def use_logical_cpus(count):
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * count
     )
+
+
+def is_multi_worker(strategy):
+    tf = _tf()
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def prepare_multi_worker_fit(model, x, y):
+    """Makes `model.fit` and `evaluate` work under MultiWorkerMirroredStrategy.
+
+    Keras 3.15.1 fails there for any optimizer (keras-team/keras#20585):
+    `fit` first reduces a distributed data batch with `strategy.reduce` to
+    build the model, which raises; and each step reduces its scalar logs with
+    `strategy.reduce("MEAN", v, axis=0)`, which raises for rank 0. So this
+    builds the model from a host batch `(x, y)` and skips that step, and gives
+    the steps logs of shape (1,). It touches private Keras attributes: call it
+    after `compile`, under the strategy's scope, and only for multi-worker.
+    """
+    from keras import ops
+
+    model._symbolic_build(data_batch=(x, y))
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+    def with_vector_logs(step):
+        def wrapped(data):
+            return {
+                key: ops.reshape(value, (1,)) if len(ops.shape(value)) == 0 else value
+                for key, value in step(data).items()
+            }
+
+        return wrapped
+
+    model.train_step = with_vector_logs(model.train_step)
+    model.test_step = with_vector_logs(model.test_step)

@@ -420,12 +420,13 @@ def run(config):
     """
     if config.logical_cpus:  # before anything initializes TensorFlow's devices
         distribution.use_logical_cpus(config.logical_cpus)
+    # Multi-worker and TPU strategies must exist before TensorFlow starts.
+    strategy = distribution.make_strategy(config.strategy, config.tpu or None)
     validate(config)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.config.set_dtype_policy(config.dtype)
-    strategy = distribution.make_strategy(config.strategy, config.tpu or None)
     replicas = strategy.num_replicas_in_sync
     micro, k, samples = batch_layout(config.batch_size, config.micro_batch_size, replicas)
     check_accumulation(config.optimizer, k, replicas)
@@ -477,6 +478,13 @@ def run(config):
             jit_compile=config.jit_compile,
         )
         model.optimizer.build(model.trainable_variables)
+        if distribution.is_multi_worker(strategy):
+            # Works around a Keras 3.15 multi-worker bug (docs/distribution.md).
+            distribution.prepare_multi_worker_fit(
+                model,
+                np.zeros((1, size, size, train_source.channels), "float32"),
+                np.zeros((1, train_source.num_classes), "float32"),
+            )
 
     checkpointer, previous = None, []
     callbacks = []

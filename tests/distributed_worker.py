@@ -289,7 +289,7 @@ def multi_worker(args):
     for name, steps in (("CLARS", None), ("CLARS", 2)):
         with strategy.scope():
             model = compile_model(build_model(), name, steps)
-            build_before_fit(model, x, y)
+            distribution.prepare_multi_worker_fit(model, x[:1], y[:1])
         model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         key = f"{name}_k{steps or 1}"
         out.update(_arrays(key + "/fit", model.get_weights()))
@@ -300,32 +300,6 @@ def multi_worker(args):
                 reference.fit(x, y, workers)
             out.update(_arrays(key + "/ref", reference.weights))
     return out
-
-
-def build_before_fit(model, x, y):
-    """Makes `model.fit` work under MultiWorkerMirroredStrategy (Keras 3.15.1).
-
-    Works around two Keras bugs of multi-worker mode (keras-team/keras#20585):
-    `fit` first reduces a distributed data batch with `strategy.reduce` to
-    build the model symbolically, which raises; and each step reduces its
-    scalar logs with `strategy.reduce("MEAN", v, axis=0)`, which raises for
-    rank 0. So: build from a host batch under the strategy's scope and skip
-    that step, and return logs of shape (1,) (reduced to the global mean).
-    """
-    from keras import ops
-
-    model._symbolic_build(data_batch=(x[:1], y[:1]))
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
-    train_step = model.train_step
-
-    def train_step_with_vector_logs(data):
-        logs = train_step(data)
-        return {
-            k: ops.reshape(v, (1,)) if len(ops.shape(v)) == 0 else v
-            for k, v in logs.items()
-        }
-
-    model.train_step = train_step_with_vector_logs
 
 
 def checkpoint(args):

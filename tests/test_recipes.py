@@ -262,3 +262,30 @@ def test_compare_writes_table_plot_and_json(tmp_path):
     assert text.splitlines()[2].startswith("clars")
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert [r["method"] for r in _read(tmp_path / "results.json")] == ["clars"]
+
+
+@pytest.mark.slow
+def test_two_workers_train_with_multi_worker_strategy():
+    # A real MultiWorkerMirroredStrategy cluster of two train.py processes.
+    import distributed_worker as worker
+
+    hosts = [f"127.0.0.1:{port}" for port in worker.free_ports(2)]
+    command = [sys.executable, TRAIN, "--strategy=multi_worker", "--width=2",
+               "--batch_size=256", "--micro_batch_size=64", "--steps_per_epoch=2",
+               "--epochs=1", "--eval_steps=1", "--verbose=2"]
+    envs = [
+        dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
+        ))
+        for i in range(2)
+    ]
+    results = worker.launch([command, command], 240, envs)
+    finals = []
+    for index, (code, output) in enumerate(results):
+        assert code == 0, f"worker {index} failed ({code}):\n{output[-3000:]}"
+        assert "2 replicas x b=64" in output, output[-3000:]
+        finals.append([line for line in output.splitlines() if "val_loss" in line][-1])
+    # Both workers report the same all-reduced metrics after 2 updates.
+    loss = [line.split(" - loss: ")[1].split(" ")[0] for line in finals]
+    assert loss[0] == loss[1]
+    assert all("updates: 2.0000" in line for line in finals)
