@@ -367,7 +367,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         )
 
     # Conditional assignment. TensorFlow takes one `cond` around all layers
-    # (one per layer made tracing DenseNet-121's update 3x slower). JAX
+    # (one per layer made tracing big models several times slower). JAX
     # cannot assign inside `lax.cond` in Keras's stateless scope, so there
     # each assignment selects with a mask instead, which XLA fuses into the
     # update.
