@@ -267,7 +267,7 @@ def train_one(spec, data, args, out):
 
 
 def execute(spec, data, args, out):
-    from keras_clars.callbacks import _write_json_atomically
+    from keras_clars.callbacks import write_json_atomically
 
     path = os.path.join(out, "runs", run_key(spec) + ".json")
     if os.path.exists(path):
@@ -279,7 +279,7 @@ def execute(spec, data, args, out):
     start = time.time()
     result = train_one(spec, data, args, out)
     result["run_seconds"] = time.time() - start
-    _write_json_atomically(path, result)
+    write_json_atomically(path, result)
     last = result["val_acc"][-1]
     test = f" test {result['test_acc'][-1]:.4f}" if result["test_acc"] else ""
     print(f"[{time.strftime('%H:%M:%S')}] {result['key']}: val {last:.4f}{test} "
@@ -457,10 +457,10 @@ def summarize(args, chosen, tuning, finals, ablations):
 
 
 def write_outputs(args, summary, finals, ablations):
-    from keras_clars.callbacks import _write_json_atomically
+    from keras_clars.callbacks import write_json_atomically
 
     out = args.out
-    _write_json_atomically(os.path.join(out, "summary.json"), summary)
+    write_json_atomically(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "epochs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["group", "key", "method", "batch", "micro_batch", "peak_lr",

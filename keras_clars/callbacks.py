@@ -118,15 +118,16 @@ def tag_of(path, block_fn=block_of):
     return f"layers/{block}/{rest or path}"
 
 
-def _write_json_atomically(path, data):
-    # Write a sibling temporary file, then rename: a reader or an interrupted
-    # run sees the old file or the new one, never half of one.
+def write_json_atomically(path, data, indent=None):
+    """Writes JSON so that a reader or an interrupted run sees the old file
+    or the new one, never half of one (a sibling temporary, then a rename)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
+            json.dump(data, f, indent=indent,
+                      separators=None if indent else (",", ":"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -353,7 +354,7 @@ class LayerStatisticsLogger(_EveryUpdates):
         if self._writer is not None:
             self._writer.flush()
         if self.json_path is not None and self.records:
-            _write_json_atomically(
+            write_json_atomically(
                 self.json_path, dict(self._header, records=self.records)
             )
 

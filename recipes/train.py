@@ -31,6 +31,7 @@ from keras_clars import distribution, schedules  # noqa: E402
 from keras_clars.callbacks import (  # noqa: E402
     LayerStatisticsLogger,
     NonFiniteUpdateMonitor,
+    write_json_atomically,
 )
 from recipes import data, models  # noqa: E402
 
@@ -314,10 +315,7 @@ def optimizer_digest(optimizer):
 
 
 def _write_json(path, value):
-    tmp = path + ".tmp"
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomically(path, value, indent=1)
 
 
 class Checkpointer(keras.callbacks.Callback):
