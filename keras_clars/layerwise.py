@@ -333,6 +333,12 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         finite = ops.all(ops.isfinite(window))
         learning_rate = ops.cast(self.learning_rate, self._norm_dtype)
         apply_now = ops.logical_and(is_update, finite)
+        # Without accumulation, LARS's N_l is ||g_l|| already, and so is
+        # CLARS's with one replica and no given norms (one sample).
+        norm_is_gradient_norm = not steps and (
+            not self.uses_complete_norm
+            or (replicas == 1 and self._pending_sample_norms is None)
+        )
 
         def step(dist, grads, layer_norms, window, rate, is_update, finite,
                  apply_now):
@@ -350,12 +356,20 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 for variable, grad, norm in zip(variables, grads, layer_norms):
                     distribution.update_variable(
                         dist, variable, self._update_layer,
-                        (grad, norm, rate, mask),
+                        (None if steps else grad, norm, rate,
+                         norm_is_gradient_norm, mask),
+                    )
+
+            def reset_accumulators(mask):
+                for variable in variables:
+                    distribution.update_variable(
+                        dist, self._accumulator(variable), self._assign_zeros,
+                        (mask,),
                     )
 
             self._when(dist, apply_now, update_all_layers)
             if steps:
-                self._when(dist, is_update, self._reset_accumulators(dist, variables))
+                self._when(dist, is_update, reset_accumulators)
             distribution.update_variable(
                 dist, self._non_finite_updates, self._count_skip,
                 (is_update, finite),
@@ -393,18 +407,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     def _accumulate(self, accumulator, grad):
         self.assign_add(accumulator, ops.cast(grad, accumulator.dtype))
 
-    def _reset_accumulators(self, dist, variables):
-        def reset(mask):
-            for variable in variables:
-                distribution.update_variable(
-                    dist, self._accumulator(variable),
-                    lambda acc, mask: self._assign(
-                        acc, ops.zeros(acc.shape, acc.dtype), mask
-                    ),
-                    (mask,),
-                )
-
-        return reset
+    def _assign_zeros(self, variable, mask):
+        self._assign(variable, ops.zeros(variable.shape, variable.dtype), mask)
 
     def _roll_window(self, accumulator, window, is_update):
         self.assign(accumulator, ops.where(is_update, ops.zeros_like(window), window))
@@ -413,12 +417,16 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         skipped = ops.logical_and(is_update, ops.logical_not(finite))
         self.assign_add(counter, ops.cast(skipped, "int32"))
 
-    def _update_layer(self, variable, grad, norm, learning_rate, mask):
+    def _update_layer(self, variable, grad, norm, learning_rate,
+                      norm_is_gradient_norm, mask):
         """The spec's update of one layer on one device.
 
-        `norm` is N_l: the mean sample norm (CLARS) or, without accumulation,
-        ||g_l|| (LARS). `mask` is None when the caller already decided to
-        update, else a boolean tensor (JAX).
+        `grad` is the mean gradient, or None with accumulation (the
+        accumulator holds the sum). `norm` is N_l: the mean sample norm
+        (CLARS) or, without accumulation, ||g_l|| (LARS);
+        `norm_is_gradient_norm` says it is ||g_l|| and saves a pass. `mask` is
+        None when the caller already decided to update, else a boolean
+        tensor (JAX).
         """
         index = self._get_variable_index(variable)
         velocity = self._velocities[index]
@@ -429,14 +437,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         w = ops.convert_to_tensor(variable)
         decay = self.weight_decay if self._decayed[index] else 0.0
         weight_norm = transforms.l2_norm(w)
-        # Given sample norms are samples of their own, even with R = k = 1.
-        one_sample = (
-            not steps
-            and distribution.num_replicas() == 1
-            and self._pending_sample_norms is None
-        )
-        if not steps and (one_sample or not self.uses_complete_norm):
-            gradient_norm = norm  # Already ||g_l||.
+        if norm_is_gradient_norm:
+            gradient_norm = norm
         else:
             gradient_norm = transforms.l2_norm(grad)
         sample_norm = norm if self.uses_complete_norm else gradient_norm
