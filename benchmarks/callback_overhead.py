@@ -64,7 +64,7 @@ def main(argv=None):
 
     from keras_clars import CLARS
     from keras_clars.callbacks import LayerStatisticsLogger
-    from keras_clars.datasets import load_fashion_mnist
+    from recipes.fashion_mnist import load_fashion_mnist
     from recipes.models import MODELS, build_model
 
     count = args.batch * args.updates

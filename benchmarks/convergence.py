@@ -126,7 +126,7 @@ def load_data(args):
     """Train/validation (held out of the 60k) and test arrays, standardized."""
     import numpy as np
 
-    from keras_clars.datasets import load_fashion_mnist
+    from recipes.fashion_mnist import load_fashion_mnist
 
     def prepare(images):
         x = images.astype("float32") / 255.0
@@ -163,7 +163,7 @@ def make_optimizer(spec, total_updates):
 
     import keras_clars
     from keras_clars.schedules import WarmupDecay
-    from recipes.train import PerUpdate
+    from keras_clars.schedules import PerUpdate
 
     k = spec["batch"] // spec["micro_batch"]
     warmup = spec["warmup_updates"] if spec["warmup"] else 0
@@ -267,7 +267,7 @@ def train_one(spec, data, args, out):
 
 
 def execute(spec, data, args, out):
-    from keras_clars.callbacks import write_json_atomically
+    from keras_clars.callbacks import _write_json_atomically as write_json_atomically
 
     path = os.path.join(out, "runs", run_key(spec) + ".json")
     if os.path.exists(path):
@@ -457,7 +457,7 @@ def summarize(args, chosen, tuning, finals, ablations):
 
 
 def write_outputs(args, summary, finals, ablations):
-    from keras_clars.callbacks import write_json_atomically
+    from keras_clars.callbacks import _write_json_atomically as write_json_atomically
 
     out = args.out
     write_json_atomically(os.path.join(out, "summary.json"), summary)

@@ -126,12 +126,12 @@ def count_collectives(graph):
 
 def main():
     args = parse()
-    from keras_clars import distribution
+    from recipes import strategies
 
-    distribution.use_logical_cpus(args.devices)
+    strategies.use_logical_cpus(args.devices)
     import tensorflow as tf
 
-    strategy = distribution.make_strategy("mirrored")
+    strategy = strategies.make_strategy("mirrored")
     replicas = strategy.num_replicas_in_sync
     rng = np.random.default_rng(0)
     n = args.batch * args.steps

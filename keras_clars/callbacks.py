@@ -118,7 +118,7 @@ def tag_of(path, block_fn=block_of):
     return f"layers/{block}/{rest or path}"
 
 
-def write_json_atomically(path, data, indent=None):
+def _write_json_atomically(path, data, indent=None):
     """Writes JSON so that a reader or an interrupted run sees the old file
     or the new one, never half of one (a sibling temporary, then a rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -354,7 +354,7 @@ class LayerStatisticsLogger(_EveryUpdates):
         if self._writer is not None:
             self._writer.flush()
         if self.json_path is not None and self.records:
-            write_json_atomically(
+            _write_json_atomically(
                 self.json_path, dict(self._header, records=self.records)
             )
 

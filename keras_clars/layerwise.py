@@ -19,7 +19,7 @@ import re
 import keras
 from keras import ops
 
-from keras_clars import distribution, transforms
+from keras_clars import _distribute as distribution, transforms
 
 # Per-layer scalars kept from the last update, in this order.
 STATISTICS = (

@@ -117,3 +117,38 @@ def scaled_learning_rate(base_learning_rate, batch_size, scaling="linear"):
     if scaling == "none":
         return base_learning_rate
     raise ValueError(f"scaling must be 'linear' or 'none'; received scaling={scaling!r}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_clars")
+class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+    """Evaluates `schedule` at the update index, given the micro-step count.
+
+    Keras's own optimizers (SGD, Adam, ...) evaluate a schedule at the
+    micro-step count when they accumulate gradients. Wrap the schedule to
+    count it in updates, as CLARS and LARS do:
+
+        SGD(PerUpdate(schedule, k), gradient_accumulation_steps=k)
+
+    Args:
+        schedule: a `LearningRateSchedule` counted in updates.
+        accumulation_steps: k, the micro-steps per update.
+    """
+
+    def __init__(self, schedule, accumulation_steps):
+        self.schedule = schedule
+        self.accumulation_steps = accumulation_steps
+
+    def __call__(self, step):
+        return self.schedule(step // self.accumulation_steps)
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)

@@ -19,7 +19,7 @@ micro-batch; `model.fit` splits each batch over the replicas of the strategy.
 import numpy as np
 import tensorflow as tf
 
-from keras_clars import datasets as fashion
+from recipes import fashion_mnist as fashion
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012")
 # (eval split, channel mean, channel std); the train split is "train".

@@ -27,13 +27,14 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_clars  # noqa: E402
-from keras_clars import distribution, schedules  # noqa: E402
+from keras_clars import schedules  # noqa: E402
 from keras_clars.callbacks import (  # noqa: E402
     LayerStatisticsLogger,
     NonFiniteUpdateMonitor,
-    write_json_atomically,
 )
-from recipes import data, models  # noqa: E402
+# The one atomic JSON writer, shared with the library's statistics logger.
+from keras_clars.callbacks import _write_json_atomically  # noqa: E402
+from recipes import data, models, strategies  # noqa: E402
 
 OPTIMIZERS = ("clars", "lars", "sgd")
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -111,7 +112,7 @@ HELP = {
     "epochs": "Training epochs.",
     "steps_per_epoch": "Updates per epoch; 0: the training split / B.",
     "eval_steps": "Evaluation batches per epoch; 0: the whole split.",
-    "strategy": f"tf.distribute strategy: {', '.join(distribution.STRATEGIES)}.",
+    "strategy": f"tf.distribute strategy: {', '.join(strategies.STRATEGIES)}.",
     "tpu": "TPU name or address for --strategy=tpu.",
     "logical_cpus": "Split the CPU into N logical devices first (testing).",
     "dtype": f"Keras dtype policy: {', '.join(DTYPES)}.",
@@ -134,7 +135,7 @@ ENUMS = {
     "optimizer": OPTIMIZERS,
     "lr_scaling": LR_SCALINGS,
     "schedule": schedules.DECAYS,
-    "strategy": distribution.STRATEGIES,
+    "strategy": strategies.STRATEGIES,
     "dtype": DTYPES,
 }
 
@@ -232,34 +233,6 @@ def check_accumulation(optimizer, accumulation_steps, replicas):
         )
 
 
-@keras.saving.register_keras_serializable(package="keras_clars_recipes")
-class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
-    """Evaluates `schedule` at the update index, given the micro-step count.
-
-    Keras's own optimizers evaluate schedules at the micro-step count when
-    they accumulate gradients; the recipes count schedules in updates.
-    """
-
-    def __init__(self, schedule, accumulation_steps):
-        self.schedule = schedule
-        self.accumulation_steps = accumulation_steps
-
-    def __call__(self, step):
-        return self.schedule(step // self.accumulation_steps)
-
-    def get_config(self):
-        return {
-            "schedule": keras.saving.serialize_keras_object(self.schedule),
-            "accumulation_steps": self.accumulation_steps,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
-        return cls(**config)
-
-
 def make_optimizer(config, learning_rate, accumulation_steps=1, model=None):
     """The optimizer of `config`: CLARS, LARS or Keras SGD.
 
@@ -272,7 +245,7 @@ def make_optimizer(config, learning_rate, accumulation_steps=1, model=None):
     decay = config.weight_decay or None
     if config.optimizer == "sgd":
         if k and isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-            learning_rate = PerUpdate(learning_rate, k)
+            learning_rate = schedules.PerUpdate(learning_rate, k)
         optimizer = keras.optimizers.SGD(
             learning_rate, momentum=config.momentum, nesterov=config.nesterov,
             weight_decay=decay, gradient_accumulation_steps=k,
@@ -315,7 +288,7 @@ def optimizer_digest(optimizer):
 
 
 def _write_json(path, value):
-    write_json_atomically(path, value, indent=1)
+    _write_json_atomically(path, value, indent=1)
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -417,9 +390,9 @@ def run(config):
         schedule, wall time, the resume point and the final evaluation).
     """
     if config.logical_cpus:  # before anything initializes TensorFlow's devices
-        distribution.use_logical_cpus(config.logical_cpus)
+        strategies.use_logical_cpus(config.logical_cpus)
     # Multi-worker and TPU strategies must exist before TensorFlow starts.
-    strategy = distribution.make_strategy(config.strategy, config.tpu or None)
+    strategy = strategies.make_strategy(config.strategy, config.tpu or None)
     validate(config)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -476,9 +449,9 @@ def run(config):
             jit_compile=config.jit_compile,
         )
         model.optimizer.build(model.trainable_variables)
-        if distribution.is_multi_worker(strategy):
+        if strategies.is_multi_worker(strategy):
             # Works around a Keras 3.15 multi-worker bug (docs/distribution.md).
-            distribution.prepare_multi_worker_fit(
+            strategies.prepare_multi_worker_fit(
                 model,
                 np.zeros((1, size, size, train_source.channels), "float32"),
                 np.zeros((1, train_source.num_classes), "float32"),

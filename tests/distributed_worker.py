@@ -253,10 +253,10 @@ class Reference:
 
 def mirrored(args):
     """fit under MirroredStrategy on N logical CPUs vs the reference."""
-    from keras_clars import distribution
+    from recipes import strategies
 
-    distribution.use_logical_cpus(args.devices)
-    strategy = distribution.make_strategy("mirrored")
+    strategies.use_logical_cpus(args.devices)
+    strategy = strategies.make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == args.devices
     x, y = data(4 * BATCH)
     out = {}
@@ -279,9 +279,9 @@ def mirrored(args):
 
 def multi_worker(args):
     """fit under MultiWorkerMirroredStrategy; the chief adds the reference."""
-    from keras_clars import distribution
+    from recipes import strategies
 
-    strategy = distribution.make_strategy("multi_worker")
+    strategy = strategies.make_strategy("multi_worker")
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     workers = strategy.num_replicas_in_sync
     x, y = data(3 * BATCH)
@@ -289,7 +289,7 @@ def multi_worker(args):
     for name, steps in (("CLARS", None), ("CLARS", 2)):
         with strategy.scope():
             model = compile_model(build_model(), name, steps)
-            distribution.prepare_multi_worker_fit(model, x[:1], y[:1])
+            strategies.prepare_multi_worker_fit(model, x[:1], y[:1])
         model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         key = f"{name}_k{steps or 1}"
         out.update(_arrays(key + "/fit", model.get_weights()))
@@ -307,10 +307,10 @@ def checkpoint(args):
     import keras
 
     import keras_clars  # noqa: F401  (registers the optimizers)
-    from keras_clars import distribution
+    from recipes import strategies
 
-    distribution.use_logical_cpus(2)
-    strategy = distribution.make_strategy("mirrored")
+    strategies.use_logical_cpus(2)
+    strategy = strategies.make_strategy("mirrored")
     work = args.workdir
     x, y = data(8 * BATCH)
     name, steps = "CLARS", 2

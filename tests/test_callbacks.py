@@ -23,7 +23,7 @@ from keras_clars.callbacks import (
     NonFiniteUpdateMonitor,
     load_layer_statistics,
 )
-from keras_clars.datasets import load_fashion_mnist
+from recipes.fashion_mnist import load_fashion_mnist
 from keras_clars.layerwise import STATISTICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

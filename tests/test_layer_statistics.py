@@ -121,14 +121,14 @@ def test_read_through_a_loss_scale_optimizer():
 MIRRORED = r"""
 import json, sys
 import numpy as np
-from keras_clars import distribution
-distribution.use_logical_cpus(2)
+from recipes import strategies
+strategies.use_logical_cpus(2)
 import keras, tensorflow as tf
 from keras_clars import CLARS, LARS
 from keras_clars.callbacks import read_layer_statistics
 
 names, weights, steps, hyper = json.loads(sys.stdin.read())
-strategy = distribution.make_strategy("mirrored")
+strategy = strategies.make_strategy("mirrored")
 out = {}
 for cls in (CLARS, LARS):
     with strategy.scope():

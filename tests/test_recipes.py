@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_clars import datasets, schedules
+from keras_clars import schedules
+from recipes import fashion_mnist as datasets
 from recipes import compare, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ import pytest
 import keras
 
 from keras_clars import CLARS
-from keras_clars.datasets import load_fashion_mnist
+from recipes.fashion_mnist import load_fashion_mnist
 
 
 def _data(split, n):

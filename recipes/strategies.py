@@ -1,65 +1,14 @@
-"""tf.distribute plumbing shared by the optimizers and the recipes.
+"""tf.distribute strategies for the recipes, tests and benchmarks.
 
-Everything here degrades to a plain call when there is one replica or when
-the backend is not TensorFlow, so the optimizers keep one code path.
+The optimizers need none of this: they work under whatever strategy is in
+scope. Creating one (TPU start-up included), splitting the CPU into logical
+devices for tests, and the multi-worker `fit` workaround are recipe concerns.
 """
 
-import keras
+import tensorflow as tf
+from keras import ops
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-
-
-def _tf():
-    import tensorflow as tf
-
-    return tf
-
-
-def is_tensorflow():
-    return keras.backend.backend() == "tensorflow"
-
-
-def num_replicas():
-    """Replicas that share one update (1 outside tf.distribute)."""
-    if not is_tensorflow():
-        return 1
-    return _tf().distribute.get_strategy().num_replicas_in_sync
-
-
-def all_reduce_sum(tensors):
-    """Sums a list of tensors over replicas in one batched all-reduce.
-
-    Called in replica context. With one replica it returns `tensors` as is.
-    """
-    if num_replicas() == 1:
-        return list(tensors)
-    tf = _tf()
-    context = tf.distribute.get_replica_context()
-    return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
-
-
-def cross_replica_call(fn, *args):
-    """Calls `fn(distribution, *args)` once, in cross-replica context.
-
-    Under tf.distribute this is a merge_call: `args` arrive as per-replica
-    values and `fn` must touch variables only through `update_variable`.
-    Elsewhere `distribution` is None and `fn` runs directly.
-    """
-    if not is_tensorflow():
-        return fn(None, *args)
-    tf = _tf()
-    return tf.__internal__.distribute.interim.maybe_merge_call(
-        fn, tf.distribute.get_strategy(), *args
-    )
-
-
-def update_variable(distribution, variable, fn, args):
-    """Runs `fn(variable, *args)` on every device that holds `variable`."""
-    if distribution is None:
-        return fn(variable, *args)
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return distribution.extended.update(variable, fn, args=args, group=False)
 
 
 def make_strategy(name="default", tpu_address=None):
@@ -71,9 +20,9 @@ def make_strategy(name="default", tpu_address=None):
     """
     if name not in STRATEGIES:
         raise ValueError(
-            f"Unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}."
+            f"strategy must be one of {', '.join(STRATEGIES)}; received "
+            f"strategy={name!r}."
         )
-    tf = _tf()
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -89,8 +38,7 @@ def make_strategy(name="default", tpu_address=None):
 def use_logical_cpus(count):
     """Splits the CPU into `count` logical devices (before TF initializes)."""
     if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}.")
-    tf = _tf()
+        raise ValueError(f"count must be >= 1; received count={count}.")
     cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * count
@@ -98,7 +46,6 @@ def use_logical_cpus(count):
 
 
 def is_multi_worker(strategy):
-    tf = _tf()
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
@@ -113,8 +60,6 @@ def prepare_multi_worker_fit(model, x, y):
     the steps logs of shape (1,). It touches private Keras attributes: call it
     after `compile`, under the strategy's scope, and only for multi-worker.
     """
-    from keras import ops
-
     model._symbolic_build(data_batch=(x, y))
     model._maybe_symbolic_build = lambda *args, **kwargs: None
 
