@@ -8,19 +8,16 @@ and, because a shared machine makes chunk times noisy, also the callback's
 own cost measured directly: the time of one record (read + TensorBoard + JSON) divided by the
 interval, as a fraction of the median step.
 
-    .venv/bin/python benchmarks/callback_overhead.py               # TF
-    .venv/bin/python benchmarks/callback_overhead.py --backend jax
+    .venv/bin/python -m benchmarks.callback_overhead               # TF
+    .venv/bin/python -m benchmarks.callback_overhead --backend jax
 """
 
 import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv):
@@ -57,8 +54,6 @@ def main(argv=None):
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
 
     import keras
 

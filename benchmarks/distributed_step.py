@@ -1,6 +1,6 @@
 """CLARS vs LARS under MirroredStrategy: step time and collectives per update.
 
-    .venv/bin/python benchmarks/distributed_step.py [--devices 4] [--width 8]
+    .venv/bin/python -m benchmarks.distributed_step [--devices 4] [--width 8]
 
 1. Step time. A small ResNet-20 (`recipes.models.resnet20`) trains under
    MirroredStrategy on `--devices` logical CPU devices, with CLARS and with
@@ -20,13 +20,9 @@
 
 import argparse
 import collections
-import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COLLECTIVES = ("Collective", "Nccl", "AllReduce")
 
