@@ -381,18 +381,24 @@ class EpochLog(keras.callbacks.Callback):
             _write_json(self.path, self.epochs)
 
 
-def run(config):
+def run(config, strategy=None):
     """Trains as `config` says.
+
+    Args:
+        config: a `Config`.
+        strategy: a `tf.distribute.Strategy` to train under; None: make one
+            from `config.strategy` (and `config.logical_cpus`).
 
     Returns:
         A dict: `epochs` (one dict of metrics per epoch, including those of
         a run that was resumed), `summary` (the layout b, k, S, the
         schedule, wall time, the resume point and the final evaluation).
     """
-    if config.logical_cpus:  # before anything initializes TensorFlow's devices
-        strategies.use_logical_cpus(config.logical_cpus)
-    # Multi-worker and TPU strategies must exist before TensorFlow starts.
-    strategy = strategies.make_strategy(config.strategy, config.tpu or None)
+    if strategy is None:
+        if config.logical_cpus:  # before anything initializes TensorFlow's devices
+            strategies.use_logical_cpus(config.logical_cpus)
+        # Multi-worker and TPU strategies must exist before TensorFlow starts.
+        strategy = strategies.make_strategy(config.strategy, config.tpu or None)
     validate(config)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
