@@ -1,0 +1,173 @@
+"""Exact per-example complete norms for CLARS: `per_example_norms(model)`."""
+
+import keras
+
+
+def _uses_complete_norm(optimizer):
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return bool(getattr(optimizer, "uses_complete_norm", False))
+
+
+@keras.saving.register_keras_serializable(package="keras_clars")
+class PerExampleNormModel(keras.Model):
+    """A model whose training step gives CLARS per-example sample norms.
+
+    Built by `per_example_norms(model)`; see its docstring. It holds the
+    wrapped model as `base_model` and shares its layers and weights:
+    `call` delegates to it, and `trainable_variables` are the wrapped
+    model's, in the same order.
+    """
+
+    def __init__(self, base_model, **kwargs):
+        # The wrapped model's policy: under mixed_float16, `compile` then
+        # wraps the optimizer in a LossScaleOptimizer as for `base_model`.
+        kwargs.setdefault("dtype", base_model.dtype_policy)
+        super().__init__(**kwargs)
+        self.base_model = base_model
+        if getattr(base_model, "built", False):
+            self.built = True
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is None:
+            return self.base_model(inputs, training=training)
+        return self.base_model(inputs, training=training, mask=mask)
+
+    def build(self, input_shape=None):
+        if not self.base_model.built and input_shape is not None:
+            self.base_model.build(input_shape)
+        self.built = True
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        return self.base_model.compute_output_spec(inputs, *args, **kwargs)
+
+    def train_step(self, data):
+        if self.optimizer is None or not _uses_complete_norm(self.optimizer):
+            # LARS and Keras's optimizers take no sample norms: Keras's step.
+            return super().train_step(data)
+        from keras_clars import _per_example_tf
+
+        plan = _per_example_tf.plan(self, self.optimizer)
+        return _per_example_tf.train_step(self, data, plan)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "base_model": keras.saving.serialize_keras_object(self.base_model),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        base_model = keras.saving.deserialize_keras_object(
+            config.pop("base_model"), custom_objects=custom_objects
+        )
+        return cls(base_model, **config)
+
+
+def per_example_norms(model):
+    """Wraps `model` so that CLARS's samples are single examples (S = B).
+
+    CLARS's complete norm is N_l = (1/S) * sum_s ||g_{s,l}||. Without this
+    wrapper the samples are micro-batches (one per replica and accumulation
+    step). With it, each example of the batch is a sample, the paper's ideal:
+
+        L       = (1/B) * sum_i loss_i                (the local mean loss)
+        D       = dL/dZ    for a layer Z = A W (+ b)  (one backward pass)
+        c_{i,l} = B * A_i^T D_i                        (example i's sample)
+        g_l     = (1/B) * sum_i c_{i,l}                (the batch gradient)
+        N_l     = (1/B) * sum_i ||c_{i,l}||
+
+    For a convolution, A_i are the patches (receptive fields) of example i,
+    one row per output position t, so A_i^T D_i = sum_t a_t d_t^T. Each
+    example's norm is computed without materialising all the per-example
+    gradients of the model: per layer, either
+
+    - explicitly, ||A_i^T D_i||_F (cost T*K*C per example, B*K*C memory), or
+    - in the Gram ("ghost norm") form
+      ||A_i^T D_i||_F^2 = sum_{t,t'} (a_t . a_t') (d_t . d_t')
+      (cost T^2 * (K + C) per example, B*T^2 memory),
+
+    whichever is cheaper for that layer's T (output positions), K (kernel
+    inputs) and C (outputs); a Dense layer on 2-D inputs needs neither:
+    ||a_i d_i^T|| = ||a_i|| * ||d_i||. The batch is processed in chunks when
+    an intermediate would exceed 256 MiB.
+
+    Without BatchNorm, c_{i,l} is exactly the gradient of loss_i alone. With
+    BatchNorm in training mode, D carries the batch statistics'
+    cross-example terms and c_{i,l} is example i's *contribution* to the
+    batch gradient (they still average to g_l): that is the definition.
+
+    Supported: Dense, Conv2D (strides, dilation, 'same'/'valid' padding,
+    groups, either data format) and DepthwiseConv2D. Their rank-1 biases
+    get per-example norms (||B * sum_t D_i(t)||) only when un-excluded from
+    layer adaptation; otherwise, like every variable excluded from layer
+    adaptation (whose N_l does not enter the update), they get the norm of
+    the replica's mean gradient. A layer-adapted variable elsewhere
+    (Conv1D, Conv3D, Embedding, a custom layer, BatchNorm's gamma/beta
+    un-excluded, a kernel with a `kernel_regularizer`, a layer called
+    twice) raises a `ValueError` naming the layer and the alternative
+    (micro-batch samples: `gradient_accumulation_steps` or replicas) when
+    the training step is first traced (the first `fit` or
+    `train_on_batch`).
+
+    The wrapper works with `compile`, `fit`, `evaluate`, callbacks,
+    `model.save` / `keras.models.load_model`, gradient accumulation (N_l is
+    the mean over the k * B examples of a window), mixed precision
+    (`LossScaleOptimizer`: the norms are unscaled) and `tf.distribute`
+    (each replica computes its own examples' norms; CLARS averages them
+    over the global batch). With LARS or a Keras optimizer the wrapper is a
+    no-op: the training step is Keras's own.
+
+    TensorFlow backend only: the norms need the gradients with respect to
+    the layers' outputs from the same backward pass, which this module
+    takes from `tf.GradientTape`.
+
+    Args:
+        model: a Keras model (Functional, Sequential or subclassed) to be
+            trained with CLARS. Its layers and weights are shared, not
+            copied.
+
+    Returns:
+        A `keras.Model` to compile and fit in place of `model`. Returns
+        `model` itself if it is already wrapped.
+
+    Raises:
+        ValueError: on a backend other than TensorFlow, or if `model` is not
+            a Keras model.
+
+    Example:
+
+        model = keras_clars.per_example_norms(model)
+        model.compile(optimizer=keras_clars.CLARS(...), loss=...)
+        model.fit(x, y, batch_size=256)
+
+    References:
+        - Goodfellow, "Efficient Per-Example Gradient Computations",
+          arXiv:1510.01799 (2015).
+        - Li, Tramer, Liang, Hashimoto, "Large Language Models Can Be
+          Strong Differentially Private Learners", arXiv:2110.05679 (2021):
+          ghost norms.
+        - Rochette, Manoel, Tramel, "Efficient Per-Example Gradient
+          Computations in Convolutional Neural Networks", arXiv:1912.06015
+          (2019).
+        - Opacus (Yousefpour et al., arXiv:2109.12298): GradSampleModule.
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "per_example_norms must run on the TensorFlow backend; received "
+            f"backend={keras.backend.backend()!r}. It takes the gradients "
+            "with respect to each layer's output from the training step's "
+            "tf.GradientTape, which has no equivalent in Keras's "
+            f"{keras.backend.backend()} trainer yet. Use micro-batch samples "
+            "instead (gradient_accumulation_steps or several replicas)."
+        )
+    if isinstance(model, PerExampleNormModel):
+        return model
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "model must be a keras.Model; received "
+            f"model={type(model).__name__}."
+        )
+    return PerExampleNormModel(model, name=f"{model.name}_per_example")

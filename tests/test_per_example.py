@@ -1,0 +1,451 @@
+"""`keras_clars.per_example_norms`: exact per-example complete norms (S = B).
+
+The norms are checked against a brute-force loop over the examples (one
+GradientTape per example, the example's loss alone), and one CLARS update
+through `fit` against the float64 reference of the spec fed with those
+per-example gradients.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import keras
+import tensorflow as tf
+
+import keras_clars
+from keras_clars import CLARS, LARS, _per_example_tf
+from numpy_reference import reference_update
+
+HYPER = dict(momentum=0.9, trust_coefficient=0.02, weight_decay=1e-3)
+LR = 0.5
+BATCH = 6
+NORM_TOLERANCE = dict(rtol=2e-5, atol=1e-6)
+WEIGHT_TOLERANCE = dict(rtol=1e-5, atol=2e-6)
+
+
+def loss_fn():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def conv_model(seed=0):
+    """Dense, Conv2D (strided; dilated 'valid'; groups=2), DepthwiseConv2D,
+    and a Dense on 3-D input, without BatchNorm."""
+    inputs = keras.Input((9, 9, 2))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same",
+                            activation="tanh")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2,
+                                     activation="tanh")(x)
+    x = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="valid",
+                            groups=2, activation="tanh")(x)
+    x = keras.layers.Conv2D(6, 1, strides=1, activation="tanh")(x)
+    x = keras.layers.Reshape((1, -1))(x)
+    x = keras.layers.Dense(5, activation="tanh")(x)  # rank-3 input
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(3)(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32")
+                       for w in model.get_weights()])
+    return model
+
+
+def data(count, seed=1, shape=(9, 9, 2)):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(count,) + shape).astype("float32")
+    y = rng.integers(0, 3, size=count).astype("int32")
+    return x, y
+
+
+def per_example_gradients(model, x, y):
+    """One tape per example: the gradient of that example's loss alone."""
+    grads = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = loss_fn()(y[i:i + 1], model(x[i:i + 1], training=True))
+        grads.append([np.asarray(g, np.float64) for g in
+                      tape.gradient(loss, model.trainable_variables)])
+    return grads
+
+
+def brute_norms(samples):
+    return [np.mean([np.linalg.norm(s[l]) for s in samples])
+            for l in range(len(samples[0]))]
+
+
+def fit_one_update(model, x, y, optimizer=None, **fit):
+    wrapped = keras_clars.per_example_norms(model)
+    wrapped.compile(optimizer=optimizer or CLARS(learning_rate=LR, **HYPER),
+                    loss=loss_fn())
+    wrapped.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0,
+                **fit)
+    return wrapped
+
+
+@pytest.fixture(params=["chosen", "explicit", "ghost"])
+def form(request, monkeypatch):
+    """Each layer's form as chosen, or forced to one form everywhere."""
+    if request.param != "chosen":
+        monkeypatch.setattr(_per_example_tf, "choose",
+                            lambda *args, form=request.param: form)
+    return request.param
+
+
+def test_norms_and_update_match_brute_force_and_reference(form):
+    x, y = data(BATCH)
+    model = conv_model()
+    initial = model.get_weights()
+    samples = per_example_gradients(model, x, y)
+    wrapped = fit_one_update(model, x, y)
+    optimizer = wrapped.optimizer
+    assert int(optimizer.iterations) == 1
+    statistics = optimizer.layer_statistics()
+    expected = brute_norms(samples)
+    for variable, norm in zip(model.trainable_variables, expected):
+        if len(variable.shape) > 1:  # rank-1 ones get ||g||, as documented
+            np.testing.assert_allclose(
+                statistics[variable.path]["complete_norm"], norm,
+                err_msg=variable.path, **NORM_TOLERANCE)
+            # Examples disagree: CLARS's norm is well above LARS's here.
+            assert statistics[variable.path]["coherence"] < 0.95
+    weights, _, _ = reference_update(
+        initial, [np.zeros_like(w) for w in initial], samples,
+        learning_rate=LR, complete=True, **HYPER)
+    for variable, (a, b) in zip(model.weights, zip(model.get_weights(), weights)):
+        np.testing.assert_allclose(a, b, err_msg=variable.path,
+                                   **WEIGHT_TOLERANCE)
+
+
+def test_chooser_takes_the_cheaper_form():
+    # Late ResNet-50 stage: 7x7 outputs, 3x3x512 -> 512: the Gram form.
+    assert _per_example_tf.choose(49, 4608, 512) == "ghost"
+    # Early stage: 56x56 outputs, 3x3x64 -> 64: explicit.
+    assert _per_example_tf.choose(3136, 576, 64) == "explicit"
+    assert _per_example_tf.choose(None, 10, 10) == "explicit"
+
+
+def test_chunked_batch_gives_the_same_norms(monkeypatch):
+    x, y = data(BATCH)
+    reference = fit_one_update(conv_model(), x, y).optimizer.layer_statistics()
+    monkeypatch.setattr(_per_example_tf, "CHUNK_ELEMENTS", 64)
+    chunked = fit_one_update(conv_model(), x, y).optimizer.layer_statistics()
+    assert len(chunked) == len(reference)
+    for (path, values), got in zip(reference.items(), chunked.values()):
+        np.testing.assert_allclose(got["complete_norm"],
+                                   values["complete_norm"], rtol=1e-5,
+                                   err_msg=path)
+
+
+def test_unexcluded_biases_get_per_example_norms():
+    x, y = data(BATCH)
+    model = conv_model()
+    samples = per_example_gradients(model, x, y)
+    optimizer = CLARS(learning_rate=LR, **HYPER)
+    optimizer._is_layer_adapted = lambda v: True  # every variable adapted
+    wrapped = fit_one_update(model, x, y, optimizer=optimizer)
+    statistics = wrapped.optimizer.layer_statistics()
+    for variable, norm in zip(model.trainable_variables, brute_norms(samples)):
+        np.testing.assert_allclose(statistics[variable.path]["complete_norm"],
+                                   norm, err_msg=variable.path,
+                                   **NORM_TOLERANCE)
+
+
+def test_accumulation_averages_over_the_window():
+    """k = 2 micro-batches: N_l is the mean over all 2 * B examples."""
+    x, y = data(2 * BATCH)
+    model = conv_model()
+    initial = model.get_weights()
+    samples = per_example_gradients(model, x, y)
+    wrapped = keras_clars.per_example_norms(model)
+    wrapped.compile(optimizer=CLARS(learning_rate=LR,
+                                    gradient_accumulation_steps=2, **HYPER),
+                    loss=loss_fn())
+    wrapped.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    weights, _, _ = reference_update(
+        initial, [np.zeros_like(w) for w in initial], samples,
+        learning_rate=LR, complete=True, **HYPER)
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_allclose(a, b, **WEIGHT_TOLERANCE)
+
+
+# ------------------------------------------------------------- BatchNorm
+
+
+def bn_model(seed=0):
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3)(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(seed)
+    model.set_weights([
+        (1 + 0.1 * rng.normal(size=w.shape) if "gamma" in v.path or
+         "variance" in v.path else rng.normal(0, 0.5, w.shape)).astype("float32")
+        for v, w in zip(model.weights, model.get_weights())])
+    return model
+
+
+def test_batchnorm_contributions_sum_to_the_batch_gradient():
+    """c_i = B * A_i^T D_i: sum_i c_i = B * g, norms as CLARS receives them."""
+    x, y = data(BATCH, shape=(8, 8, 2))
+    model = bn_model()
+    wrapped = keras_clars.per_example_norms(model)
+    plan = _per_example_tf.plan(wrapped, CLARS())
+    recorder = _per_example_tf._Recorder(plan.layers)
+    with tf.GradientTape() as tape:
+        with recorder:
+            logits = wrapped(x, training=True)
+        loss = loss_fn()(y, logits)
+    records = [recorder.records[id(layer)] for layer in plan.layers]
+    kernels = [layer.trainable_weights[0] for layer in plan.layers]
+    outputs = tape.gradient(loss, kernels + [z for _, _, z in records])
+    grads, ds = outputs[:len(kernels)], outputs[len(kernels):]
+    for (layer, a, _), d, kernel, grad in zip(records, ds, kernels, grads):
+        contributions = []
+        kernel = kernel.value  # the tf.Variable
+        for i in range(BATCH):
+            # A_i^T D_i by TensorFlow's own kernel gradient of one example.
+            with tf.GradientTape() as inner:
+                inner.watch(kernel)
+                if isinstance(layer, keras.layers.Dense):
+                    z = tf.matmul(a[i:i + 1], kernel)
+                elif isinstance(layer, keras.layers.DepthwiseConv2D):
+                    z = tf.nn.depthwise_conv2d(a[i:i + 1], kernel, [1, 1, 1, 1],
+                                               "SAME")
+                else:
+                    z = tf.nn.conv2d(a[i:i + 1], kernel, layer.strides,
+                                     layer.padding.upper())
+                term = tf.reduce_sum(z * d[i:i + 1])
+            contributions.append(BATCH * np.asarray(inner.gradient(term, kernel),
+                                                    np.float64))
+        np.testing.assert_allclose(np.sum(contributions, 0) / BATCH, grad,
+                                   rtol=1e-4, atol=1e-6, err_msg=layer.name)
+        squared, _ = _per_example_tf.squared_norms(layer, a, d, True, False)
+        np.testing.assert_allclose(
+            BATCH * np.sqrt(squared.numpy()),
+            [np.linalg.norm(c) for c in contributions], rtol=1e-4,
+            err_msg=layer.name)
+
+
+def test_batchnorm_model_trains_with_mean_contribution_norms():
+    x, y = data(BATCH, shape=(8, 8, 2))
+    model = bn_model()
+    wrapped = fit_one_update(model, x, y)
+    statistics = wrapped.optimizer.layer_statistics()
+    for layer in (model.layers[1], model.layers[4], model.layers[-1]):
+        values = statistics[layer.trainable_weights[0].path]
+        assert values["complete_norm"] > values["gradient_norm"] > 0
+
+
+# ---------------------------------------------------------- no-ops, errors
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LARS(learning_rate=LR, **HYPER),
+    lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+], ids=["LARS", "SGD"])
+def test_wrapper_is_a_no_op_for_lars_and_keras_optimizers(make):
+    x, y = data(2 * BATCH)
+    plain, base = conv_model(), conv_model()
+    plain.compile(optimizer=make(), loss=loss_fn())
+    plain.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    wrapped = keras_clars.per_example_norms(base)
+    wrapped.compile(optimizer=make(), loss=loss_fn())
+    wrapped.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    for a, b in zip(plain.get_weights(), base.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def _compile(model, **optimizer):
+    wrapped = keras_clars.per_example_norms(model)
+    wrapped.compile(optimizer=CLARS(**optimizer), loss=loss_fn())
+    return wrapped
+
+
+def _fit(wrapped):
+    """One step on zeros of the model's input shape (errors come from here)."""
+    shape = (4,) + tuple(wrapped.base_model.inputs[0].shape[1:])
+    wrapped.fit(np.zeros(shape, "float32"), np.zeros(4, "int32"), verbose=0)
+
+
+@pytest.mark.parametrize("layer, name", [
+    (lambda: keras.layers.Conv1D(3, 2, name="c1"), "c1"),
+    (lambda: keras.layers.Dense(3, kernel_regularizer="l2", name="reg"), "reg"),
+])
+def test_unsupported_layers_raise_naming_the_layer(layer, name):
+    model = keras.Sequential([keras.Input((5, 2)), layer(), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    wrapped = _compile(model)
+    with pytest.raises(ValueError, match=rf"layer='{name}'.*gradient_accumulation"):
+        _fit(wrapped)
+
+
+def test_unsupported_layer_excluded_from_adaptation_is_fine():
+    model = keras.Sequential([keras.Input((5,)),
+                              keras.layers.Embedding(10, 4, name="emb"),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="layer='emb'"):
+        _fit(_compile(model))
+    optimizer = CLARS(learning_rate=0.1)
+    optimizer.exclude_from_layer_adaptation(var_names=["emb"])
+    wrapped = keras_clars.per_example_norms(model)
+    wrapped.compile(optimizer=optimizer, loss=loss_fn())
+    x = np.random.default_rng(0).integers(0, 10, (4, 5))
+    wrapped.fit(x, np.zeros(4, "int32"), verbose=0)
+    assert int(optimizer.iterations) == 1
+
+
+def test_unexcluded_batchnorm_raises():
+    model = bn_model()
+    optimizer = CLARS()
+    optimizer._is_layer_adapted = lambda v: True
+    wrapped = keras_clars.per_example_norms(model)
+    wrapped.compile(optimizer=optimizer, loss=loss_fn())
+    with pytest.raises(ValueError, match="BatchNormalization gamma and beta"):
+        _fit(wrapped)
+
+
+def test_shared_layer_raises_at_the_first_step():
+    shared = keras.layers.Dense(4, name="shared")
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3)(shared(shared(inputs)))
+    wrapped = _compile(keras.Model(inputs, outputs))
+    with pytest.raises(ValueError, match="layer='shared', called more than once"):
+        wrapped.fit(np.ones((4, 4), "float32"), np.zeros(4, "int32"), verbose=0)
+
+
+def test_non_tensorflow_backend_raises(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="TensorFlow backend; received backend='jax'"):
+        keras_clars.per_example_norms(conv_model())
+
+
+def test_not_a_model_raises():
+    with pytest.raises(ValueError, match="model must be a keras.Model"):
+        keras_clars.per_example_norms(keras.layers.Dense(3))
+
+
+# ------------------------------------------------- saving, mixed precision
+
+
+def test_save_load_and_continue_equals_uninterrupted(tmp_path):
+    x, y = data(4 * BATCH)
+
+    def make():
+        wrapped = keras_clars.per_example_norms(conv_model())
+        wrapped.compile(optimizer=CLARS(learning_rate=LR,
+                                        gradient_accumulation_steps=2, **HYPER),
+                        loss=loss_fn(), metrics=["accuracy"])
+        return wrapped
+
+    uninterrupted = make()
+    uninterrupted.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    first = make()
+    first.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    path = tmp_path / "model.keras"
+    first.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored, type(first))
+    assert isinstance(restored.optimizer, CLARS)
+    restored.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(uninterrupted.get_weights(), restored.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    result = restored.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(result) == {"loss", "accuracy"}
+
+
+def test_mixed_float16_norms_match_float32():
+    x, y = data(BATCH)
+    reference = fit_one_update(conv_model(), x, y).optimizer.layer_statistics()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = conv_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    wrapped = fit_one_update(model, x, y)
+    assert isinstance(wrapped.optimizer, keras.optimizers.LossScaleOptimizer)
+    statistics = wrapped.optimizer.inner_optimizer.layer_statistics()
+    assert int(wrapped.optimizer.inner_optimizer.non_finite_updates) == 0
+    for variable in model.trainable_variables:
+        if len(variable.shape) > 1:
+            got = statistics[variable.path]["complete_norm"]
+            want = reference[variable.path]["complete_norm"]
+            np.testing.assert_allclose(got, want, rtol=2e-2, err_msg=variable.path)
+    assert "_per_example_stash" not in vars(wrapped.optimizer.inner_optimizer) or \
+        not wrapped.optimizer.inner_optimizer._per_example_stash
+    assert "apply" not in vars(wrapped.optimizer.inner_optimizer)
+
+
+# ------------------------------------------------------ MirroredStrategy
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import keras_clars
+    from keras_clars import CLARS
+    sys.path.insert(0, sys.argv[1])
+    import test_per_example as t
+    from numpy_reference import reference_update
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    x, y = t.data(4 * t.BATCH)
+    failures = []
+    for steps, policy in ((None, "float32"), (2, "float32"), (None, "mixed_float16")):
+        keras.mixed_precision.set_global_policy(policy)
+        with strategy.scope():
+            wrapped = keras_clars.per_example_norms(t.conv_model())
+            wrapped.compile(optimizer=CLARS(learning_rate=t.LR,
+                            gradient_accumulation_steps=steps, **t.HYPER),
+                            loss=t.loss_fn())
+        keras.mixed_precision.set_global_policy("float32")
+        wrapped.fit(x, y, batch_size=t.BATCH, epochs=1, shuffle=False, verbose=0)
+        # The reference: per-example gradients at the reference's weights.
+        model = t.conv_model()
+        weights = [np.asarray(w, np.float64) for w in model.get_weights()]
+        velocities = [np.zeros_like(w) for w in weights]
+        k = steps or 1
+        for update in range(len(x) // (k * t.BATCH)):
+            window = slice(update * k * t.BATCH, (update + 1) * k * t.BATCH)
+            model.set_weights([w.astype("float32") for w in weights])
+            samples = t.per_example_gradients(model, x[window], y[window])
+            weights, velocities, _ = reference_update(
+                weights, velocities, samples, learning_rate=t.LR,
+                complete=True, **t.HYPER)
+        tolerance = (dict(rtol=2e-2, atol=2e-3) if policy != "float32"
+                     else t.WEIGHT_TOLERANCE)
+        for a, b in zip(wrapped.get_weights(), weights):
+            try:
+                np.testing.assert_allclose(a, b, **tolerance)
+            except AssertionError as error:
+                failures.append(f"k={steps} {policy}: {error}")
+    print("FAILURES" if failures else "OK")
+    print("\\n".join(failures))
+    sys.exit(1 if failures else 0)
+""")
+
+
+def test_mirrored_strategy_with_and_without_accumulation(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(
+                   [os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(script), tests], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "OK" in result.stdout
