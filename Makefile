@@ -11,20 +11,20 @@ $(PY):
 
 setup: $(PY) $(FASHION_MNIST)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,jax,recipes,test,kerascv]"
+	$(PY) -m pip install -q -e ".[cpu,jax,torch,recipes,test,kerascv]"
 
 # Debian's package of the full Fashion-MNIST: the offline default data.
 $(FASHION_MNIST):
 	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
 
 demo: setup
-	$(PY) recipes/compare.py
+	$(PY) -m recipes.compare
 
 test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) benchmarks/optimizer_step.py
+	$(PY) -m benchmarks.optimizer_step
 
 clean:
 	rm -rf $(VENV) runs
