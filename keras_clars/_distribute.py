@@ -1,27 +1,16 @@
 """The tf.distribute plumbing of the optimizers' update (private).
 
-Everything here degrades to a plain call when there is one replica or when
-the backend is not TensorFlow, so the optimizers keep one code path.
+TensorFlow only: `keras_clars._tensorflow` re-exports these three functions,
+and elsewhere `keras_clars.layerwise` uses one replica and a plain call.
+Each is a plain call too when there is one replica or no strategy.
 """
 
-import keras
-
-
-def _tf():
-    import tensorflow as tf
-
-    return tf
-
-
-def is_tensorflow():
-    return keras.backend.backend() == "tensorflow"
+import tensorflow as tf
 
 
 def num_replicas():
     """Replicas that share one update (1 outside tf.distribute)."""
-    if not is_tensorflow():
-        return 1
-    return _tf().distribute.get_strategy().num_replicas_in_sync
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def all_reduce_sum(tensors):
@@ -31,30 +20,27 @@ def all_reduce_sum(tensors):
     """
     if num_replicas() == 1:
         return list(tensors)
-    tf = _tf()
     context = tf.distribute.get_replica_context()
     return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
 
 
-def cross_replica_call(fn, *args):
-    """Calls `fn(distribution, *args)` once, in cross-replica context.
+def on_each_device(fn, anchor, *args):
+    """Calls `fn(*args)` once on each device that holds `anchor`.
 
-    Under tf.distribute this is a merge_call: `args` arrive as per-replica
-    values and `fn` must touch variables only through `update_variable`.
-    Elsewhere `distribution` is None and `fn` runs directly.
+    Under tf.distribute this is one merge_call and one `extended.update` of
+    the optimizer variable `anchor`: `args` arrive as this device's values,
+    and inside `fn` every mirrored variable reads and writes its copy on this
+    device. Without a strategy `fn` runs directly.
     """
-    if not is_tensorflow():
-        return fn(None, *args)
-    tf = _tf()
+    if not tf.distribute.has_strategy():
+        return fn(*args)
+
+    def merged(strategy, *args):
+        variable = getattr(anchor, "value", anchor)
+        return strategy.extended.update(
+            variable, lambda _, *local: fn(*local), args=args, group=False
+        )
+
     return tf.__internal__.distribute.interim.maybe_merge_call(
-        fn, tf.distribute.get_strategy(), *args
+        merged, tf.distribute.get_strategy(), *args
     )
-
-
-def update_variable(distribution, variable, fn, args):
-    """Runs `fn(variable, *args)` on every device that holds `variable`."""
-    if distribution is None:
-        return fn(variable, *args)
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return distribution.extended.update(variable, fn, args=args, group=False)

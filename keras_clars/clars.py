@@ -2,8 +2,7 @@
 
 import keras
 
-from keras_clars.lars import _ARGS
-from keras_clars.layerwise import LayerwiseOptimizer
+from keras_clars.layerwise import ARGS_DOCSTRING, LayerwiseOptimizer
 
 
 @keras.saving.register_keras_serializable(package="keras_clars")
@@ -25,7 +24,7 @@ class CLARS(LayerwiseOptimizer):
     This rule is this project's reconstruction from the paper's public
     record (its abstract and title); the paper's full text was not available.
 """
-        + _ARGS
+        + ARGS_DOCSTRING
         + """
     References:
         - Huo, Gu, Huang, "Large Batch Optimization for Deep Learning Using

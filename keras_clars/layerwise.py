@@ -2,24 +2,38 @@
 
 A *micro-step* is one call to `apply()`: the gradient of one micro-batch on
 each replica. An *update* moves the weights; it happens every micro-step, or
-on every k-th one with `gradient_accumulation_steps=k`. Each micro-step:
+on every k-th one with `gradient_accumulation_steps=k`. Each micro-step has
+two phases:
 
-1. In replica context, takes the per-layer norms it needs (CLARS: each
-   replica's own gradient, the gradient samples; LARS: the reduced gradient)
-   and sums gradients and norms across replicas in one batched all-reduce.
-2. In cross-replica context (a single merge_call), updates each layer on each
-   device: accumulate, or apply the layer-wise update of the spec.
+1. **Replica phase** (replica context): CLARS takes this replica's sample
+   norms (its own gradient's per-layer norms times R, or the norms handed to
+   `apply(..., sample_norms=...)`); then ONE batched all-reduce sums the
+   gradients and the packed vector of sample norms over replicas.
+2. **Update phase** (one merge into cross-replica context, then once per
+   device): clip the mean gradient (scaling the sample norms by what
+   clipping did to each layer), accumulate, and on an update micro-step with
+   finite gradients apply the rule of the spec to all layers at once.
+
+One name per quantity, end to end: `sample_norms` (one micro-step's, before
+the mean over replicas), `complete_norms` (N_l: their mean over the S
+samples of the update), `gradient_norms` (||g_l||, of the update's mean
+gradient), `weight_norms` (||w_l||). LARS has no sample norms: its N_l is
+`gradient_norms`, and so is CLARS's with one sample.
+
+Per-layer scalars are computed as a few vectors (one per norm dtype), not as
+ops per layer: tracing a big model then costs about what SGD's does.
 
 The learning rate is evaluated at the update index `iterations`, which counts
 updates, not micro-steps.
 """
 
 import re
+import warnings
 
 import keras
 from keras import ops
 
-from keras_clars import _distribute as distribution, transforms
+from keras_clars import transforms
 
 # Per-layer scalars kept from the last update, in this order.
 STATISTICS = (
@@ -30,6 +44,54 @@ STATISTICS = (
     "coherence",
 )
 
+# The Args shared by the docstrings of LARS and CLARS (as Keras shares
+# `base_optimizer_keyword_args`).
+ARGS_DOCSTRING = """
+    Args:
+        learning_rate: a float >= 0, or a
+            `keras.optimizers.schedules.LearningRateSchedule`, evaluated at
+            the update index (updates, not accumulation micro-steps).
+        momentum: heavy-ball momentum m, in [0, 1).
+        trust_coefficient: eta > 0, the scale of the trust ratio.
+        weight_decay: beta >= 0, coupled into the update (never also applied
+            the decoupled Keras way); `None` or 0 turns it off. Variables of
+            rank <= 1 and those named in `exclude_from_weight_decay` take
+            none.
+        epsilon: eps >= 0 in the trust ratio's denominator.
+        nesterov: use Nesterov momentum (needs momentum > 0).
+        gradient_accumulation_steps: k, an int >= 2, or None. The weights
+            move on every k-th call to `apply()`, by the mean of the k
+            micro-step gradients. Works under every tf.distribute strategy.
+        **kwargs: the other arguments of `keras.optimizers.Optimizer`
+            (`clipnorm`, `clipvalue`, `global_clipnorm`, `loss_scale_factor`,
+            `name`). Clipping acts on each micro-step's all-reduced mean
+            gradient, as in Keras; CLARS scales that micro-step's sample
+            norms of layer l by ||clip(g_l)|| / ||g_l||. `use_ema` is not
+            supported.
+
+    Exclusions: `exclude_from_layer_adaptation(var_list, var_names)` and
+    `exclude_from_weight_decay(var_list, var_names)` must be called before
+    the optimizer is built. Exclusions by name are configuration: they are
+    kept by `get_config` and `model.save`; those by `var_list` (variable
+    identity) are not.
+
+    Non-finite gradients: an update whose gradient, as received and before
+    clipping, holds inf or NaN in any layer is skipped whole (weights and
+    momentum unchanged, accumulators reset) and counted in
+    `optimizer.non_finite_updates`; a warning is not possible inside a
+    compiled step, so check that counter, or use
+    `keras_clars.callbacks.NonFiniteUpdateMonitor`.
+"""
+
+ONE_SAMPLE_WARNING = (
+    "{name} has one gradient sample per update (one replica, no gradient "
+    "accumulation, no per-example norms): with S = 1 its complete norm is "
+    "the norm of the mean gradient, and CLARS is exactly LARS. For CLARS's "
+    "complete norm use per-example norms (`keras_clars.per_example_norms("
+    "model)`), gradient accumulation (`gradient_accumulation_steps=k`), or "
+    "several replicas (a tf.distribute strategy)."
+)
+
 
 def _as_float(name, value):
     try:
@@ -38,11 +100,112 @@ def _as_float(name, value):
         raise ValueError(f"{name} must be a number; received {name}={value!r}.")
 
 
-def _handle(variable):
-    """The resource handle of a TensorFlow variable (on this device)."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return variable.handle
+def backend_paths():
+    """The one backend check: TensorFlow's fast paths, or `_KerasOps`."""
+    if keras.backend.backend() == "tensorflow":
+        from keras_clars import _tensorflow
+
+        return _tensorflow
+    return _KerasOps
+
+
+class _KerasOps:
+    """The generic path (JAX, PyTorch): `keras.ops` and `transforms`.
+
+    Same functions as `keras_clars._tensorflow`. One replica; assignments
+    that may not happen select with a boolean `mask` (JAX cannot assign
+    inside `lax.cond` in Keras's stateless scope; XLA fuses the select).
+    """
+
+    @staticmethod
+    def num_replicas():
+        return 1
+
+    @staticmethod
+    def all_reduce_sum(tensors):
+        return list(tensors)
+
+    @staticmethod
+    def on_each_device(fn, anchor, *args):
+        return fn(*args)
+
+    @staticmethod
+    def squared_norms(tensors, dtype):
+        return ops.stack(
+            [transforms.squared_norm(ops.cast(x, dtype)) for x in tensors]
+        )
+
+    @staticmethod
+    def when(condition, fn):
+        fn(condition)
+
+    @staticmethod
+    def apply_momentum(optimizer, variable, velocity, update, momentum, mask):
+        new_velocity, step = transforms.heavy_ball(
+            ops.convert_to_tensor(velocity), update,
+            ops.cast(momentum, variable.dtype), optimizer.nesterov,
+        )
+        optimizer._assign(velocity, new_velocity, mask)
+        optimizer._assign(variable, ops.convert_to_tensor(variable) - step, mask)
+
+
+class _Layers:
+    """The layers of one update, grouped by norm dtype.
+
+    Norms and ratios are float32, or float64 for float64 variables
+    (`transforms.norm_dtype`), so per-layer scalars live in one vector per
+    dtype present: usually one. `join` puts them back in layer order.
+    """
+
+    def __init__(self, variables):
+        dtypes = [transforms.norm_dtype(v.dtype) for v in variables]
+        self.groups = [
+            (dtype, [i for i, d in enumerate(dtypes) if d == dtype])
+            for dtype in ("float32", "float64")
+            if dtype in dtypes
+        ]
+        order = [i for _, positions in self.groups for i in positions]
+        self._inverse = (
+            None
+            if order == list(range(len(order)))
+            else sorted(range(len(order)), key=order.__getitem__)
+        )
+        # The dtype of a vector over all layers (the packed sample norms).
+        self.dtype = self.groups[-1][0]
+
+    def norms(self, paths, tensors):
+        return [
+            ops.sqrt(paths.squared_norms([tensors[i] for i in positions], dtype))
+            for dtype, positions in self.groups
+        ]
+
+    def split(self, vector):
+        if len(self.groups) == 1:
+            return [ops.cast(vector, self.groups[0][0])]
+        return [
+            ops.cast(ops.take(vector, positions), dtype)
+            for dtype, positions in self.groups
+        ]
+
+    def join(self, vectors, dtype):
+        joined = ops.concatenate([ops.cast(v, dtype) for v in vectors])
+        if self._inverse is None:
+            return joined
+        return ops.take(joined, self._inverse, axis=0)
+
+    def constant(self, values, dtype=None):
+        return [
+            ops.convert_to_tensor([values[i] for i in positions],
+                                  dtype or group_dtype)
+            for group_dtype, positions in self.groups
+        ]
+
+    def unstack(self, vectors):
+        scalars = [None] * sum(len(p) for _, p in self.groups)
+        for vector, (_, positions) in zip(vectors, self.groups):
+            for i, scalar in zip(positions, ops.unstack(vector)):
+                scalars[i] = scalar
+        return scalars
 
 
 class LayerwiseOptimizer(keras.optimizers.Optimizer):
@@ -139,52 +302,77 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         self.epsilon = epsilon
         self.nesterov = bool(nesterov)
         self._pending_sample_norms = None
+        self._warned_one_sample = False
+        self._no_adaptation_names = []
+        self._no_decay_names = []
         self.exclude_from_layer_adaptation()
+        self.exclude_from_weight_decay()
 
     # ----------------------------------------------------------- exclusions
+
+    def _check_not_built(self, method):
+        if self.built:
+            raise ValueError(
+                f"{method}() must be called before the optimizer is built; "
+                f"received a call after build on {type(self).__name__}."
+            )
 
     def exclude_from_layer_adaptation(self, var_list=None, var_names=None):
         """Gives variables the trust ratio 1 (plain momentum SGD).
 
         Variables of rank <= 1 are always excluded. Must be called before the
-        optimizer is built.
+        optimizer is built; a new call replaces the earlier exclusions.
+        Names are kept by `get_config` (and `model.save`), variables are not.
 
         Args:
             var_list: variables to exclude.
             var_names: strings; a variable whose path contains one of them is
                 excluded (e.g. `["bias", "batch_normalization"]`).
         """
-        if self.built:
-            raise ValueError(
-                "exclude_from_layer_adaptation() must be called before the "
-                "optimizer is built."
-            )
+        self._check_not_built("exclude_from_layer_adaptation")
         self._no_adaptation_ids = {self._var_key(v) for v in var_list or ()}
-        self._no_adaptation_pattern = (
-            re.compile("|".join(map(re.escape, var_names))) if var_names else None
-        )
+        self._no_adaptation_names = list(var_names or ())
 
-    def _matches(self, variable, ids, pattern):
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Takes variables out of weight decay (Keras's method and arguments).
+
+        Variables of rank <= 1 are always excluded. Must be called before the
+        optimizer is built; a new call replaces the earlier exclusions.
+        Names are kept by `get_config` (and `model.save`), variables are not.
+
+        Args:
+            var_list: variables to exclude.
+            var_names: strings; a variable whose path contains one of them is
+                excluded.
+        """
+        self._check_not_built("exclude_from_weight_decay")
+        self._no_decay_ids = {self._var_key(v) for v in var_list or ()}
+        self._no_decay_names = list(var_names or ())
+
+    def _excluded(self, variable, ids, names):
         if self._var_key(variable) in ids:
             return True
         path = getattr(variable, "path", variable.name)
-        return pattern is not None and re.search(pattern, path) is not None
+        return any(name in path for name in names)
 
     def _takes_weight_decay(self, variable):
         return (
             bool(self.weight_decay)
             and len(variable.shape) > 1
-            and not self._matches(
-                variable,
-                getattr(self, "_exclude_from_weight_decay", set()),
-                getattr(self, "_exclude_from_weight_decay_pattern", None),
-            )
+            and not self._excluded(variable, self._no_decay_ids,
+                                   self._no_decay_names)
         )
 
     def _is_layer_adapted(self, variable):
-        return len(variable.shape) > 1 and not self._matches(
-            variable, self._no_adaptation_ids, self._no_adaptation_pattern
+        """Whether `variable` gets a trust ratio (else 1): rank > 1, and not
+        excluded. Callable before the optimizer is built."""
+        return len(variable.shape) > 1 and not self._excluded(
+            variable, self._no_adaptation_ids, self._no_adaptation_names
         )
+
+    def _use_weight_decay(self, variable):
+        # Keras's name for the question; weight decay is coupled, below.
+        return self._takes_weight_decay(variable)
 
     def _apply_weight_decay(self, variables):
         # Weight decay is coupled into the update; never decay the Keras way.
@@ -197,28 +385,20 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             return
         super().build(variables)
         self._velocities = self.add_optimizer_variables(variables, "velocity")
-        self._layer_statistics = [
-            self.add_variable(
-                shape=(len(STATISTICS),),
-                dtype="float32",
-                name=f"layer_statistics_{i}",
-            )
-            for i in range(len(variables))
-        ]
+        self._statistics = self.add_variable(
+            shape=(len(variables), len(STATISTICS)),
+            dtype="float32",
+            name="layer_statistics",
+        )
         self._adapted = [self._is_layer_adapted(v) for v in variables]
         self._decayed = [self._takes_weight_decay(v) for v in variables]
         self._paths = [getattr(v, "path", v.name) for v in variables]
-        self._norm_dtype = (
-            "float64"
-            if any(str(v.dtype) == "float64" for v in variables)
-            else "float32"
-        )
-        if self.gradient_accumulation_steps:
-            # Running sum of each layer's per-micro-step norm.
-            self._norm_accumulator = self.add_variable(
+        if self.uses_complete_norm and self.gradient_accumulation_steps:
+            # The window's running sum of each micro-step's complete norms.
+            self._complete_norm_sums = self.add_variable(
                 shape=(len(variables),),
-                dtype=self._norm_dtype,
-                name="norm_accumulator",
+                dtype=_Layers(variables).dtype,
+                name="complete_norm_sums",
             )
         self._non_finite_updates = self.add_variable(
             shape=(), dtype="int32", name="non_finite_updates"
@@ -245,9 +425,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             return {}
+        values = ops.convert_to_numpy(self._statistics.value).tolist()
         return {
-            path: dict(zip(STATISTICS, map(float, ops.convert_to_numpy(s.value))))
-            for path, s in zip(self._paths, self._layer_statistics)
+            path: dict(zip(STATISTICS, row))
+            for path, row in zip(self._paths, values)
         }
 
     # ---------------------------------------------------------- the update
@@ -260,230 +441,256 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 tf.distribute, scaled by 1/R as Keras scales the loss).
             trainable_variables: the variables; needed on the first call.
             sample_norms: CLARS only. Per-layer mean norms of this
-                micro-step's gradient samples, computed elsewhere (for
-                example exact per-example norms), one per variable and on
-                the scale of an unscaled local mean gradient. When given,
-                they replace the replica's own gradient norm as its sample.
+                replica's gradient samples in this micro-step, computed
+                elsewhere (for example exact per-example norms), one per
+                trainable variable in the optimizer's order, on the scale of
+                an unscaled local mean gradient. When given, they replace
+                the replica's own gradient norm as its sample. When None,
+                `self._pending_sample_norms` is used if a wrapper set it
+                (a LossScaleOptimizer's `apply` takes no `sample_norms`).
         """
+        if sample_norms is None:
+            sample_norms = self._pending_sample_norms
         if sample_norms is not None and not self.uses_complete_norm:
             raise ValueError(
-                f"sample_norms is only used by CLARS; {type(self).__name__} "
-                "takes the norm of the mean gradient."
+                f"sample_norms must be None for {type(self).__name__}, which "
+                "takes the norm of the mean gradient (it is only used by "
+                f"CLARS); received {len(list(sample_norms))} sample_norms."
             )
+        stashed = self._pending_sample_norms
         self._pending_sample_norms = sample_norms
         try:
             return super().apply(grads, trainable_variables)
         finally:
-            self._pending_sample_norms = None
+            self._pending_sample_norms = stashed
 
-    def _micro_step_norms(self, grads, variables):
-        """This replica's per-layer sample norms (CLARS), undoing 1/R."""
-        replicas = distribution.num_replicas()
-        if self._pending_sample_norms is not None:
-            given = list(self._pending_sample_norms)
-            if len(given) != len(self._trainable_variables):
-                raise ValueError(
-                    "sample_norms needs one norm per trainable variable "
-                    f"({len(self._trainable_variables)}); received {len(given)}."
-                )
-            by_index = [given[self._get_variable_index(v)] for v in variables]
-            # 0 * ||g|| is NaN exactly when g is not finite, so the update is
-            # still skipped for a bad gradient whatever norms were given.
-            return [
-                ops.cast(n, self._norm_dtype)
-                + 0.0 * ops.cast(transforms.l2_norm(g), self._norm_dtype)
-                for n, g in zip(by_index, grads)
-            ]
-        return [
-            ops.cast(transforms.l2_norm(g), self._norm_dtype) * replicas
-            for g in grads
-        ]
+    def _given_sample_norms(self, indices):
+        """The sample norms handed to `apply`, in `indices`' order, or None."""
+        given = self._pending_sample_norms
+        if given is None:
+            return None
+        given = list(given)
+        if len(given) != len(self._trainable_variables):
+            raise ValueError(
+                "sample_norms must hold one norm per trainable variable "
+                f"({len(self._trainable_variables)}); received "
+                f"{len(given)} norms."
+            )
+        return [given[i] for i in indices]
+
+    def _warn_one_sample(self):
+        if not self._warned_one_sample:
+            self._warned_one_sample = True
+            warnings.warn(
+                ONE_SAMPLE_WARNING.format(name=type(self).__name__),
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _clips(self):
+        return bool(
+            (self.clipnorm and self.clipnorm > 0)
+            or (self.global_clipnorm and self.global_clipnorm > 0)
+            or (self.clipvalue and self.clipvalue > 0)
+        )
 
     def _backend_apply_gradients(self, grads, trainable_variables):
+        paths = backend_paths()
         variables = list(trainable_variables)
-        replicas = distribution.num_replicas()
-        if self.uses_complete_norm:
-            # Sample norms are taken before the all-reduce, and before clipping.
-            local = self._micro_step_norms(grads, variables)
-            reduced = distribution.all_reduce_sum(list(grads) + [ops.stack(local)])
-            grads, norms = self._clip_gradients(reduced[:-1]), reduced[-1] / replicas
-        else:
-            grads = self._clip_gradients(distribution.all_reduce_sum(grads))
-            norms = ops.stack(
-                [ops.cast(transforms.l2_norm(g), self._norm_dtype) for g in grads]
-            )
-
-        steps = self.gradient_accumulation_steps
         indices = [self._get_variable_index(v) for v in variables]
-        if steps:
-            # The window's norms: what was accumulated plus this micro-step.
-            full = ops.scatter(
-                ops.expand_dims(ops.convert_to_tensor(indices), 1),
-                norms,
-                (len(self._trainable_variables),),
-            )
-            window = self._norm_accumulator.value + ops.cast(full, self._norm_dtype)
-            layer_norms = [window[i] / steps for i in indices]
-            is_update = ops.equal((self._iterations + 1) % steps, 0)
+        layers = _Layers(variables)
+        replicas = paths.num_replicas()
+        given = self._given_sample_norms(indices)
+        # S = 1 (one replica, no accumulation, no given norms): CLARS's
+        # complete norm is ||g_l||, and it runs LARS's computation exactly.
+        has_samples = self.uses_complete_norm and (
+            replicas > 1 or bool(self.gradient_accumulation_steps)
+            or given is not None
+        )
+        if self.uses_complete_norm and not has_samples:
+            self._warn_one_sample()
+
+        # Replica phase: this replica's sample norms (undoing Keras's 1/R),
+        # then one all-reduce of gradients and the packed sample norms.
+        grads = list(grads)
+        if has_samples:
+            if given is None:
+                sample_norms = layers.join(
+                    [replicas * n for n in layers.norms(paths, grads)],
+                    layers.dtype,
+                )
+            else:
+                sample_norms = ops.stack(
+                    [ops.cast(n, layers.dtype) for n in given]
+                )
+            grads.append(sample_norms)
+        reduced = paths.all_reduce_sum(grads)
+        if has_samples:
+            grads, complete_norms = reduced[:-1], reduced[-1] / replicas
         else:
-            window = norms
-            layer_norms = ops.unstack(norms)
-            is_update = ops.convert_to_tensor(True)
-        # The norms cover every gradient, so they also tell if all are finite.
-        finite = ops.all(ops.isfinite(window))
-        learning_rate = ops.cast(self.learning_rate, self._norm_dtype)
-        apply_now = ops.logical_and(is_update, finite)
-        # Without accumulation, LARS's N_l is ||g_l|| already, and so is
-        # CLARS's with one replica and no given norms (one sample).
-        norm_is_gradient_norm = not steps and (
-            not self.uses_complete_norm
-            or (replicas == 1 and self._pending_sample_norms is None)
+            grads, complete_norms = reduced, None
+
+        # Update phase, once per device.
+        paths.on_each_device(
+            lambda *args: self._update_phase(variables, indices, layers, *args),
+            self._non_finite_updates,
+            grads,
+            complete_norms,
+            ops.convert_to_tensor(self.learning_rate),
         )
 
-        def step(dist, grads, layer_norms, window, rate, is_update, finite,
-                 apply_now):
-            if steps:
-                for variable, grad in zip(variables, grads):
-                    distribution.update_variable(
-                        dist, self._accumulator(variable), self._accumulate, (grad,)
-                    )
-                distribution.update_variable(
-                    dist, self._norm_accumulator, self._roll_window,
-                    (window, is_update),
+    def _update_phase(self, variables, indices, layers, grads, complete_norms,
+                      learning_rate):
+        """Clip, accumulate and, on an update micro-step, update all layers.
+
+        `complete_norms` is this micro-step's N_l (a vector over the layers),
+        or None when N_l is ||g_l|| (LARS, CLARS with one sample).
+        """
+        paths = backend_paths()
+        grads = [ops.cast(g, v.dtype) for g, v in zip(grads, variables)]
+        if self._clips():
+            raw_norms = layers.norms(paths, grads)
+            grads = self._clip_gradients(grads)
+            # Non-finite stays non-finite (clipvalue would turn inf into a
+            # number): the check below then sees the gradient as received.
+            poison = sum(ops.cast(ops.sum(n - n), "float32") for n in raw_norms)
+            grads = [g + ops.cast(poison, g.dtype) for g in grads]
+            if complete_norms is not None:
+                factors = [
+                    transforms.clip_factor(raw, clipped)
+                    for raw, clipped in zip(raw_norms,
+                                            layers.norms(paths, grads))
+                ]
+                complete_norms = layers.join(
+                    [n * f for n, f in zip(layers.split(complete_norms),
+                                           factors)],
+                    layers.dtype,
                 )
 
-            def update_all_layers(mask):
-                for variable, grad, norm in zip(variables, grads, layer_norms):
-                    distribution.update_variable(
-                        dist, variable, self._update_layer,
-                        (None if steps else grad, norm, rate,
-                         norm_is_gradient_norm, mask),
-                    )
-
-            def reset_accumulators(mask):
-                for variable in variables:
-                    distribution.update_variable(
-                        dist, self._accumulator(variable), self._assign_zeros,
-                        (mask,),
-                    )
-
-            self._when(dist, apply_now, update_all_layers)
-            if steps:
-                self._when(dist, is_update, reset_accumulators)
-            distribution.update_variable(
-                dist, self._non_finite_updates, self._count_skip,
-                (is_update, finite),
-            )
-
-        distribution.cross_replica_call(
-            step, grads, layer_norms, window, learning_rate, is_update, finite,
-            apply_now,
+        steps = self.gradient_accumulation_steps
+        if not steps:
+            self._update(variables, indices, layers, grads, 1.0,
+                         complete_norms, learning_rate, None)
+            return
+        # Accumulate; the update micro-step reads the window's sums and
+        # restarts them.
+        is_update = ops.equal((self._iterations + 1) % steps, 0)
+        totals = []
+        for variable, grad in zip(variables, grads):
+            accumulator = self._accumulated_gradients[
+                self._get_variable_index(variable)]
+            total = ops.convert_to_tensor(accumulator) + grad
+            self.assign(accumulator,
+                        ops.where(is_update, ops.zeros_like(total), total))
+            totals.append(total)
+        if complete_norms is not None:
+            window = ops.convert_to_tensor(self._complete_norm_sums)
+            complete_norms = ops.cast(complete_norms, window.dtype)
+            if self._in_order(indices):
+                window = window + complete_norms
+            else:
+                window = ops.scatter_update(
+                    window, [[i] for i in indices],
+                    ops.take(window, indices) + complete_norms,
+                )
+            self.assign(self._complete_norm_sums,
+                        ops.where(is_update, ops.zeros_like(window), window))
+            if not self._in_order(indices):
+                window = ops.take(window, indices)
+            complete_norms = window / steps
+        paths.when(
+            is_update,
+            lambda mask: self._update(variables, indices, layers, totals,
+                                      1.0 / steps, complete_norms,
+                                      learning_rate, mask),
         )
 
-    # Conditional assignment. TensorFlow takes one `cond` around all layers
-    # (one per layer made tracing big models several times slower). JAX
-    # cannot assign inside `lax.cond` in Keras's stateless scope, so there
-    # each assignment selects with a mask instead, which XLA fuses into the
-    # update.
+    def _update(self, variables, indices, layers, grads, gradient_scale,
+                complete_norms, learning_rate, mask):
+        """The update of the spec, with g_l = gradient_scale * grads[l].
 
-    def _when(self, dist, condition, fn):
-        """Runs `fn(mask)` only where `condition` holds."""
-        if keras.backend.backend() == "tensorflow":
-            if dist is not None:
-                # Every replica holds the same value after the all-reduce.
-                condition = dist.experimental_local_results(condition)[0]
-            ops.cond(condition, lambda: fn(None), lambda: None)
+        Skipped whole, and counted, if any gradient (or given norm) is not
+        finite. `mask` is None when the caller already decided to update,
+        else a boolean tensor (the generic path).
+        """
+        paths = backend_paths()
+        gradient_norms = layers.norms(paths, grads)
+        if gradient_scale != 1.0:
+            gradient_norms = [gradient_scale * n for n in gradient_norms]
+        if complete_norms is None:
+            complete_norms = gradient_norms
         else:
-            fn(condition)
+            complete_norms = layers.split(complete_norms)
+        finite = ops.all(ops.stack(
+            [ops.all(ops.isfinite(n)) for n in gradient_norms + complete_norms]
+        ))
+        skipped = ops.logical_not(finite)
+        if mask is not None:
+            skipped = ops.logical_and(mask, skipped)
+        self.assign_add(self._non_finite_updates, ops.cast(skipped, "int32"))
+
+        def apply_update(mask):
+            weights = [ops.convert_to_tensor(v) for v in variables]
+            weight_norms = layers.norms(paths, weights)
+            adapted = layers.constant([self._adapted[i] for i in indices],
+                                      "bool")
+            decay = layers.constant(
+                [self.weight_decay if self._decayed[i] else 0.0
+                 for i in indices]
+            )
+            rows, gradient_scales, decay_scales = [], [], []
+            for (dtype, _), *vectors in zip(
+                layers.groups, weight_norms, gradient_norms, complete_norms,
+                adapted, decay,
+            ):
+                w_norm, g_norm, n_norm, is_adapted, beta = vectors
+                ratio = ops.where(
+                    is_adapted,
+                    transforms.trust_ratio(w_norm, n_norm,
+                                           self.trust_coefficient, beta,
+                                           self.epsilon),
+                    ops.ones_like(w_norm),
+                )
+                scale = ops.cast(learning_rate, dtype) * ratio
+                gradient_scales.append(
+                    scale if gradient_scale == 1.0 else scale * gradient_scale)
+                decay_scales.append(scale * beta)
+                rows.append(ops.stack(
+                    [ratio, n_norm, g_norm, w_norm,
+                     transforms.coherence(g_norm, n_norm)], axis=1,
+                ))
+            statistics = layers.join(rows, "float32")
+            if not self._in_order(indices):
+                statistics = ops.scatter_update(
+                    ops.convert_to_tensor(self._statistics),
+                    [[i] for i in indices], statistics,
+                )
+            self._assign(self._statistics, statistics, mask)
+            for variable, grad, weight, g_scale, d_scale, i in zip(
+                variables, grads, weights, layers.unstack(gradient_scales),
+                layers.unstack(decay_scales), indices,
+            ):
+                update = ops.cast(g_scale, variable.dtype) * grad
+                if self._decayed[i]:
+                    update = update + ops.cast(d_scale, variable.dtype) * weight
+                paths.apply_momentum(self, variable, self._velocities[i],
+                                     update, self.momentum, mask)
+
+        if mask is None:
+            paths.when(finite, apply_update)
+        else:
+            apply_update(ops.logical_and(mask, finite))
+
+    def _in_order(self, indices):
+        """Whether the update's variables are all of them, in build order."""
+        return indices == list(range(len(self._trainable_variables)))
 
     def _assign(self, variable, value, mask):
         if mask is not None:
             value = ops.where(mask, value, ops.convert_to_tensor(variable))
         self.assign(variable, value)
 
-    def _accumulator(self, variable):
-        return self._accumulated_gradients[self._get_variable_index(variable)]
-
-    def _accumulate(self, accumulator, grad):
-        self.assign_add(accumulator, ops.cast(grad, accumulator.dtype))
-
-    def _assign_zeros(self, variable, mask):
-        self._assign(variable, ops.zeros(variable.shape, variable.dtype), mask)
-
-    def _roll_window(self, accumulator, window, is_update):
-        self.assign(accumulator, ops.where(is_update, ops.zeros_like(window), window))
-
-    def _count_skip(self, counter, is_update, finite):
-        skipped = ops.logical_and(is_update, ops.logical_not(finite))
-        self.assign_add(counter, ops.cast(skipped, "int32"))
-
-    def _update_layer(self, variable, grad, norm, learning_rate,
-                      norm_is_gradient_norm, mask):
-        """The spec's update of one layer on one device.
-
-        `grad` is the mean gradient, or None with accumulation (the
-        accumulator holds the sum). `norm` is N_l: the mean sample norm
-        (CLARS) or, without accumulation, ||g_l|| (LARS);
-        `norm_is_gradient_norm` says it is ||g_l|| and saves a pass. `mask` is
-        None when the caller already decided to update, else a boolean
-        tensor (JAX).
-        """
-        index = self._get_variable_index(variable)
-        velocity = self._velocities[index]
-        steps = self.gradient_accumulation_steps
-        if steps:
-            grad = ops.convert_to_tensor(self._accumulated_gradients[index]) / steps
-        grad = ops.cast(grad, variable.dtype)
-        w = ops.convert_to_tensor(variable)
-        decay = self.weight_decay if self._decayed[index] else 0.0
-        weight_norm = transforms.l2_norm(w)
-        if norm_is_gradient_norm:
-            gradient_norm = norm
-        else:
-            gradient_norm = transforms.l2_norm(grad)
-        sample_norm = norm if self.uses_complete_norm else gradient_norm
-        ratio = (
-            transforms.trust_ratio(
-                weight_norm, sample_norm, self.trust_coefficient, decay,
-                self.epsilon,
-            )
-            if self._adapted[index]
-            else ops.ones_like(weight_norm)
-        )
-        direction = grad + decay * w if decay else grad
-        scale = ops.cast(learning_rate * ratio, variable.dtype)
-        update = scale * direction
-        momentum = ops.cast(self.momentum, variable.dtype)
-        coherence = ops.where(
-            sample_norm > 0,
-            gradient_norm / ops.where(sample_norm > 0, sample_norm, 1),
-            1,
-        )
-        statistics = ops.cast(
-            ops.stack([ratio, sample_norm, gradient_norm, weight_norm, coherence]),
-            "float32",
-        )
-        self._assign(self._layer_statistics[index], statistics, mask)
-        if mask is None and distribution.is_tensorflow():
-            # TensorFlow's fused momentum kernel: v <- m * v + u, then
-            # w <- w - v (nesterov: w - (m * v + u)), in one pass instead of
-            # four; the same rule as transforms.heavy_ball.
-            import tensorflow as tf
-
-            tf.raw_ops.ResourceApplyMomentum(
-                var=_handle(variable),
-                accum=_handle(velocity),
-                lr=ops.ones((), variable.dtype),
-                grad=update,
-                momentum=momentum,
-                use_nesterov=self.nesterov,
-            )
-            return
-        new_velocity, step = transforms.heavy_ball(
-            ops.convert_to_tensor(velocity), update, momentum, self.nesterov
-        )
-        self._assign(velocity, new_velocity, mask)
-        self._assign(variable, ops.convert_to_tensor(variable) - step, mask)
+    # -------------------------------------------------------- configuration
 
     def get_config(self):
         config = super().get_config()
@@ -493,6 +700,22 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "trust_coefficient": self.trust_coefficient,
                 "epsilon": self.epsilon,
                 "nesterov": self.nesterov,
+                # Exclusions by name are configuration (spec); by variable
+                # identity they cannot be.
+                "exclude_from_layer_adaptation": list(self._no_adaptation_names),
+                "exclude_from_weight_decay": list(self._no_decay_names),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        no_adaptation = config.pop("exclude_from_layer_adaptation", None)
+        no_decay = config.pop("exclude_from_weight_decay", None)
+        optimizer = super().from_config(config, custom_objects=custom_objects)
+        if no_adaptation:
+            optimizer.exclude_from_layer_adaptation(var_names=no_adaptation)
+        if no_decay:
+            optimizer.exclude_from_weight_decay(var_names=no_decay)
+        return optimizer

@@ -1,11 +1,11 @@
 """The small pieces of a layer-wise adaptive update, written with `keras.ops`.
 
-Each function is pure (tensors in, tensors out), so it can be tested on its
-own against NumPy and reused by every optimizer in this package, in the
-spirit of optax's chains of small transforms.
+Each function is pure (tensors in, tensors out) and works elementwise on
+vectors of per-layer scalars, so it can be tested on its own against NumPy
+(tests/test_transforms.py) on every backend, in the spirit of optax's chains
+of small transforms.
 """
 
-import keras
 from keras import ops
 
 
@@ -14,16 +14,16 @@ def norm_dtype(dtype):
     return "float64" if str(dtype) == "float64" else "float32"
 
 
-def l2_norm(x):
-    """The L2 norm of a whole tensor, accumulated in float32 (or float64)."""
+def squared_norm(x):
+    """sum(x**2) over a whole tensor, accumulated in `norm_dtype(x.dtype)`."""
     # Flat first: XLA on CPU reduces a 1-D tensor about twice as fast.
     x = ops.reshape(ops.cast(x, norm_dtype(x.dtype)), (-1,))
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+    return ops.sum(ops.square(x))
 
-        # One kernel (sum(x**2) / 2), where square-then-sum makes two passes.
-        return ops.sqrt(2.0 * tf.nn.l2_loss(x))
-    return ops.sqrt(ops.sum(ops.square(x)))
+
+def l2_norm(x):
+    """||x||_2 over a whole tensor, in `norm_dtype(x.dtype)`."""
+    return ops.sqrt(squared_norm(x))
 
 
 def trust_ratio(weight_norm, gradient_norm, trust_coefficient, weight_decay,
@@ -41,6 +41,22 @@ def trust_ratio(weight_norm, gradient_norm, trust_coefficient, weight_decay,
     safe_denominator = ops.where(both_positive, denominator, 1.0)
     ratio = trust_coefficient * weight_norm / safe_denominator
     return ops.where(both_positive, ratio, ops.ones_like(ratio))
+
+
+def coherence(gradient_norm, complete_norm):
+    """||g|| / N: 1 for LARS, <= 1 for CLARS; 1 where N = 0."""
+    positive = ops.greater(complete_norm, 0)
+    return ops.where(
+        positive, gradient_norm / ops.where(positive, complete_norm, 1.0), 1.0
+    )
+
+
+def clip_factor(raw_norm, clipped_norm):
+    """||clip(g)|| / ||g||, what clipping did to a layer; 1 where ||g|| = 0."""
+    positive = ops.greater(raw_norm, 0)
+    return ops.where(
+        positive, clipped_norm / ops.where(positive, raw_norm, 1.0), 1.0
+    )
 
 
 def heavy_ball(velocity, update, momentum, nesterov):

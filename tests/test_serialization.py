@@ -57,7 +57,7 @@ def test_string_names(name, cls):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=name, loss="mse")
     assert type(model.optimizer) is cls
-    assert keras_clars.__all__ == ["CLARS", "LARS"]
+    assert keras_clars.__all__ == ["CLARS", "LARS", "per_example_norms"]
 
 
 def _model():
@@ -116,7 +116,7 @@ def test_save_load_mid_window_then_continue(tmp_path):
     # Mid-window: one micro-step of gradients and norms is pending.
     assert any(np.any(ops.convert_to_numpy(a) != 0)
                for a in optimizer._accumulated_gradients)
-    assert np.all(ops.convert_to_numpy(optimizer._norm_accumulator) > 0)
+    assert np.all(ops.convert_to_numpy(optimizer._complete_norm_sums) > 0)
     assert any(np.any(ops.convert_to_numpy(v) != 0)
                for v in optimizer._velocities)
 
@@ -132,8 +132,8 @@ def test_save_load_mid_window_then_continue(tmp_path):
     dropped = keras.models.load_model(path)
     for a in dropped.optimizer._accumulated_gradients:
         a.assign(ops.zeros_like(a))
-    dropped.optimizer._norm_accumulator.assign(
-        ops.zeros_like(dropped.optimizer._norm_accumulator))
+    dropped.optimizer._complete_norm_sums.assign(
+        ops.zeros_like(dropped.optimizer._complete_norm_sums))
     dropped.fit(x[3 * batch:], y[3 * batch:], **fit)
     assert not np.allclose(dropped.get_weights()[0],
                            uninterrupted.get_weights()[0], rtol=1e-5)
