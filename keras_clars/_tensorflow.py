@@ -53,6 +53,6 @@ def apply_momentum(optimizer, variable, velocity, update, momentum, mask):
         accum=_handle(velocity),
         lr=tf.ones((), variable.dtype),
         grad=update,
-        momentum=tf.cast(momentum, variable.dtype),
+        momentum=tf.constant(momentum, variable.dtype),
         use_nesterov=optimizer.nesterov,
     )

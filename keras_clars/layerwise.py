@@ -143,7 +143,7 @@ class _KerasOps:
     def apply_momentum(optimizer, variable, velocity, update, momentum, mask):
         new_velocity, step = transforms.heavy_ball(
             ops.convert_to_tensor(velocity), update,
-            ops.cast(momentum, variable.dtype), optimizer.nesterov,
+            ops.convert_to_tensor(momentum, variable.dtype), optimizer.nesterov,
         )
         optimizer._assign(velocity, new_velocity, mask)
         optimizer._assign(variable, ops.convert_to_tensor(variable) - step, mask)

@@ -9,7 +9,11 @@ Slow and obvious on purpose: the tests compare `keras_clars.CLARS` and
 - `reference_run(weights, micro_steps, steps=k, ...)`: a sequence of
   micro-steps with fixed gradients, grouped into updates of k micro-steps,
   with the learning rate evaluated at the update index and the
-  non-finite-gradient rule of the package (skip the whole update, count it).
+  non-finite-gradient rule of the package (skip the whole update, count it)
+  and Keras's clipping of each micro-step's mean gradient.
+- `clip_micro_step(samples, ...)`: one micro-step's clipped mean gradient
+  and its complete norms, the sample norms scaled by what clipping did to
+  each layer (spec, "Clipping").
 
 A *sample* is a list of per-layer gradient arrays: the mean gradient of one
 equally sized slice of the batch, unscaled (a replica's gradient already
@@ -63,7 +67,8 @@ def _as_samples(micro_step):
 def reference_update(weights, velocities, samples, *, learning_rate,
                      complete, momentum=0.9, trust_coefficient=0.001,
                      weight_decay=None, epsilon=0.0, nesterov=False,
-                     adapted=None, decayed=None, sample_norms=None):
+                     adapted=None, decayed=None, sample_norms=None,
+                     gradients=None):
     """One update of the spec, in float64.
 
     Args:
@@ -78,6 +83,8 @@ def reference_update(weights, velocities, samples, *, learning_rate,
         adapted, decayed: per-layer bools; default `default_masks(...)`.
         sample_norms: optional per-layer N_l replacing the samples' norms
             (CLARS with norms computed elsewhere).
+        gradients: optional per-layer mean gradient g_l replacing the
+            samples' mean (clipped micro-steps: see `clip_micro_step`).
 
     Returns:
         `(new_weights, new_velocities, statistics)`, statistics a list of
@@ -91,7 +98,8 @@ def reference_update(weights, velocities, samples, *, learning_rate,
         w = np.asarray(w, np.float64)
         v = np.asarray(v, np.float64)
         layer_samples = [np.asarray(s[l], np.float64) for s in samples]
-        g = np.mean(layer_samples, axis=0)
+        g = (np.mean(layer_samples, axis=0) if gradients is None
+             else np.asarray(gradients[l], np.float64))
         gradient_norm = _norm(g)
         if sample_norms is not None:
             n = float(sample_norms[l])
@@ -117,8 +125,43 @@ def reference_update(weights, velocities, samples, *, learning_rate,
     return new_weights, new_velocities, statistics
 
 
+def clip_micro_step(samples, *, clipnorm=None, clipvalue=None,
+                    global_clipnorm=None, sample_norms=None):
+    """Keras's clipping of one micro-step's mean gradient (float64).
+
+    Args:
+        samples: the micro-step's samples, each a list of per-layer arrays.
+        clipnorm, clipvalue, global_clipnorm: as in Keras (one at a time).
+        sample_norms: optional per-layer mean sample norms replacing the
+            samples' own.
+
+    Returns:
+        `(gradient, complete_norms)`: the clipped per-layer mean gradient,
+        and per layer the mean sample norm times ||clip(g_l)|| / ||g_l||.
+    """
+    layers = len(samples[0])
+    g = [np.mean([np.asarray(s[l], np.float64) for s in samples], axis=0)
+         for l in range(layers)]
+    if sample_norms is None:
+        sample_norms = [np.mean([_norm(s[l]) for s in samples])
+                        for l in range(layers)]
+    if clipnorm:
+        clipped = [x * clipnorm / max(_norm(x), clipnorm) for x in g]
+    elif global_clipnorm:
+        total = np.sqrt(sum(_norm(x) ** 2 for x in g))
+        clipped = [x * min(1.0, global_clipnorm / total) for x in g]
+    elif clipvalue:
+        clipped = [np.clip(x, -clipvalue, clipvalue) for x in g]
+    else:
+        clipped = g
+    factors = [_norm(c) / _norm(x) if _norm(x) > 0 else 1.0
+               for c, x in zip(clipped, g)]
+    return clipped, [float(n) * f for n, f in zip(sample_norms, factors)]
+
+
 def reference_run(weights, micro_steps, *, steps=None, learning_rate,
-                  complete, **kwargs):
+                  complete, clipnorm=None, clipvalue=None,
+                  global_clipnorm=None, **kwargs):
     """Runs micro-steps with fixed gradients, as `optimizer.apply` would.
 
     Args:
@@ -130,6 +173,8 @@ def reference_run(weights, micro_steps, *, steps=None, learning_rate,
         learning_rate: a float, or a callable of the update index t
             (0, 1, ...), such as a Keras schedule wrapped in `float(...)`.
         complete: True for CLARS, False for LARS.
+        clipnorm, clipvalue, global_clipnorm: Keras's clipping, applied to
+            each micro-step's mean gradient (`clip_micro_step`).
         **kwargs: the other arguments of `reference_update`.
 
     Returns:
@@ -146,20 +191,36 @@ def reference_run(weights, micro_steps, *, steps=None, learning_rate,
     v = [np.zeros_like(x) for x in w]
     out = {"weights": [], "velocities": [], "statistics": None,
            "non_finite_updates": 0, "learning_rates": []}
-    window = []
+    clip = dict(clipnorm=clipnorm, clipvalue=clipvalue,
+                global_clipnorm=global_clipnorm)
+    clipping = any(clip.values())
+    window, clipped = [], []
     for i, micro_step in enumerate(micro_steps):
-        window.extend(_as_samples(micro_step))
+        samples = _as_samples(micro_step)
+        window.extend(samples)
+        if clipping:
+            clipped.append(clip_micro_step(samples, **clip))
         if (i + 1) % k == 0:
             rate = float(schedule(i // k))
             out["learning_rates"].append(rate)
+            # Checked on the gradients as received, before clipping.
             finite = all(np.all(np.isfinite(g)) for s in window for g in s)
             if finite:
+                extra = {}
+                if clipping:
+                    # The mean of the clipped micro-step gradients, and the
+                    # mean of their scaled sample norms (equal sizes).
+                    extra["gradients"] = [np.mean(layer, axis=0) for layer in
+                                          zip(*[c[0] for c in clipped])]
+                    if complete:
+                        extra["sample_norms"] = np.mean(
+                            [c[1] for c in clipped], axis=0)
                 w, v, out["statistics"] = reference_update(
                     w, v, window, learning_rate=rate, complete=complete,
-                    **kwargs)
+                    **extra, **kwargs)
             else:
                 out["non_finite_updates"] += 1
-            window = []
+            window, clipped = [], []
         out["weights"].append([x.copy() for x in w])
         out["velocities"].append([x.copy() for x in v])
     return out

@@ -1,9 +1,11 @@
 """CLARS and LARS against the float64 NumPy reference of the spec.
 
-Backend-agnostic (keras.ops and NumPy only): tests/test_jax_backend.py runs
-this file again under KERAS_BACKEND=jax. The TF-only compilation checks skip
-on other backends.
+Backend-agnostic (keras.ops and NumPy only): tests/test_backends.py runs
+this file again under KERAS_BACKEND=jax and KERAS_BACKEND=torch. The TF-only
+compilation checks skip on other backends.
 """
+
+import warnings
 
 import numpy as np
 import pytest
@@ -61,7 +63,8 @@ def make_problem(micro_steps, seed=0, samples=None):
 
 
 def make_variables(weights):
-    return [keras.Variable(w, name=n) for n, w in zip(NAMES, weights)]
+    return [keras.Variable(w, name=n, dtype=w.dtype)
+            for n, w in zip(NAMES, weights)]
 
 
 def numpy_values(variables):
@@ -292,11 +295,35 @@ def test_exclusions_by_name_and_by_list():
                                plain["weights"][-1][i], rtol=1e-4)
 
 
-def test_exclusion_after_build_raises():
-    optimizer = CLARS()
+@pytest.mark.parametrize("method", ["exclude_from_layer_adaptation",
+                                    "exclude_from_weight_decay"])
+def test_exclusion_after_build_raises(method):
+    optimizer = CLARS(weight_decay=0.05)
     optimizer.build(make_variables(make_problem(1)[0]))
     with pytest.raises(ValueError, match="before the optimizer is built"):
-        optimizer.exclude_from_layer_adaptation(var_names=["head"])
+        getattr(optimizer, method)(var_names=["head"])
+
+
+@pytest.mark.parametrize("cls", [CLARS, LARS])
+def test_exclusions_by_name_survive_get_config(cls):
+    """from_config(get_config()) keeps both exclusion lists, by name."""
+    weights, grads = make_problem(4, seed=6)
+    original = cls(weight_decay=0.05, gradient_accumulation_steps=2, **HYPER)
+    original.exclude_from_layer_adaptation(var_names=["head"])
+    original.exclude_from_weight_decay(var_names=["dense_kernel"])
+    config = original.get_config()
+    assert config["exclude_from_layer_adaptation"] == ["head"]
+    assert config["exclude_from_weight_decay"] == ["dense_kernel"]
+    optimizer = cls.from_config(config)
+    assert optimizer.get_config() == config
+    history = run_optimizer(optimizer, weights, grads)
+    adapted, decayed = default_masks(
+        weights, 0.05, no_adaptation={NAMES.index("head_kernel")},
+        no_decay={NAMES.index("dense_kernel")})
+    expected = reference_run(weights, grads, steps=2, complete=cls is CLARS,
+                             weight_decay=0.05, adapted=adapted,
+                             decayed=decayed, **HYPER)
+    assert_matches(history, expected)
 
 
 def test_zero_norms_give_trust_ratio_one():
@@ -465,3 +492,137 @@ def test_fit_matches_reference(cls, jit_compile):
     assert int(optimizer.iterations) == batches // k
     assert optimizer.layer_statistics()[model.weights[0].path][
         "trust_ratio"] == pytest.approx(stats[0]["trust_ratio"], rel=1e-5)
+
+
+# --------------------------------------------------------------- clipping
+
+CLIPPING = {"clipnorm": 0.05, "clipvalue": 0.02, "global_clipnorm": 0.1}
+
+
+@pytest.mark.parametrize("clip", sorted(CLIPPING))
+def test_clars_equals_lars_with_one_sample_under_clipping(clip):
+    """S = 1 (one device, no accumulation): CLARS is LARS, clipped too."""
+    weights, grads = make_problem(4, seed=14)
+    kwargs = dict(weight_decay=0.05, **{clip: CLIPPING[clip]}, **HYPER)
+    h_clars = run_optimizer(CLARS(**kwargs), weights, grads)
+    h_lars = run_optimizer(LARS(**kwargs), weights, grads)
+    for key in ("weights", "velocities"):
+        for a, b in zip(h_clars[key], h_lars[key]):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    expected = reference_run(weights, grads, complete=False, weight_decay=0.05,
+                             **{clip: CLIPPING[clip]}, **HYPER)
+    assert_matches(h_lars, expected)
+
+
+@pytest.mark.parametrize("clip", sorted(CLIPPING))
+@pytest.mark.parametrize("cls", [CLARS, LARS])
+def test_clipping_matches_reference(cls, clip):
+    """k = 2: each micro-step's mean gradient is clipped, and CLARS scales
+    that micro-step's sample norms by ||clip(g_l)|| / ||g_l||."""
+    weights, grads = make_problem(4, seed=15)
+    optimizer = cls(gradient_accumulation_steps=2, weight_decay=0.05,
+                    **{clip: CLIPPING[clip]}, **HYPER)
+    history = run_optimizer(optimizer, weights, grads)
+    expected = reference_run(weights, grads, steps=2, complete=cls is CLARS,
+                             weight_decay=0.05, **{clip: CLIPPING[clip]},
+                             **HYPER)
+    assert_matches(history, expected)
+    assert_statistics(optimizer, expected["statistics"])
+    # The check can fail: unclipped gradients give other weights.
+    plain = reference_run(weights, grads, steps=2, complete=cls is CLARS,
+                          weight_decay=0.05, **HYPER)
+    assert not np.allclose(history["weights"][-1][0], plain["weights"][-1][0],
+                           rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("cls", [CLARS, LARS])
+def test_inf_gradient_is_skipped_under_clipvalue(cls, k):
+    """clipvalue turns inf into a number; the check sees it before."""
+    weights, grads = make_problem(4, seed=16)
+    grads[1][0][0, 0, 0, 0] = np.inf
+    optimizer = cls(gradient_accumulation_steps=k, clipvalue=0.02, **HYPER)
+    history = run_optimizer(optimizer, weights, grads)
+    assert int(ops.convert_to_numpy(optimizer.non_finite_updates)) == 1
+    expected = reference_run(weights, grads, steps=k, complete=cls is CLARS,
+                             clipvalue=0.02, **HYPER)
+    assert expected["non_finite_updates"] == 1
+    assert_matches(history, expected)
+    # The poisoned micro-step's update (k = 2: its whole window) moved nothing.
+    before = weights if k else history["weights"][0]
+    for a, b in zip(history["weights"][1], before):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------- float64 variables
+
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("cls", [CLARS, LARS])
+def test_float64_and_float32_variables_match_reference(cls, k):
+    """Norms are float64 for a float64 variable, float32 for the others."""
+    weights, grads = make_problem(4, seed=17)
+    wide = {NAMES.index("conv_kernel"), NAMES.index("dense_bias")}
+    weights = [w.astype(np.float64) if i in wide else w
+               for i, w in enumerate(weights)]
+    grads = [[g.astype(np.float64) if i in wide else g
+              for i, g in enumerate(step)] for step in grads]
+    optimizer = cls(gradient_accumulation_steps=k, weight_decay=0.05, **HYPER)
+    history = run_optimizer(optimizer, weights, grads)
+    expected = reference_run(weights, grads, steps=k, complete=cls is CLARS,
+                             weight_decay=0.05, **HYPER)
+    assert_matches(history, expected)
+    assert_statistics(optimizer, expected["statistics"])
+    for i, variable in enumerate(history["variables"]):
+        assert str(variable.dtype) == ("float64" if i in wide else "float32")
+    # The float64 layers are exact to float64 rounding, not float32's.
+    for i in wide:
+        np.testing.assert_allclose(history["weights"][-1][i],
+                                   expected["weights"][-1][i], rtol=1e-12)
+
+
+# ------------------------------------------------- one sample warns once
+
+
+def _single_sample_warnings(record):
+    return [w for w in record if "one gradient sample per update"
+            in str(w.message)]
+
+
+def test_one_sample_warns_once_through_fit_and_retraces():
+    rng = np.random.default_rng(18)
+    x = rng.normal(size=(32, 4)).astype(np.float32)
+    y = rng.normal(size=(32, 3)).astype(np.float32)
+    model = _linear_model(seed=12)
+    optimizer = CLARS(**HYPER)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        # A new compile traces a new train step: no second warning.
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    caught = _single_sample_warnings(record)
+    assert len(caught) == 1, [str(w.message) for w in record]
+    message = str(caught[0].message)
+    for remedy in ("keras_clars.per_example_norms(model)",
+                   "gradient_accumulation_steps", "tf.distribute"):
+        assert remedy in message
+    assert int(optimizer.iterations) == 12
+
+
+@pytest.mark.parametrize("case", ["accumulation", "sample_norms", "LARS"])
+def test_no_one_sample_warning_with_samples_or_for_lars(case):
+    weights, grads = make_problem(4, seed=19)
+    cls = LARS if case == "LARS" else CLARS
+    k = 2 if case == "accumulation" else None
+    kwargs = {}
+    if case == "sample_norms":
+        kwargs["sample_norms"] = [[2.0 * np.linalg.norm(g) for g in step]
+                                  for step in grads]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run_optimizer(cls(gradient_accumulation_steps=k, **HYPER), weights,
+                      grads, **kwargs)
+    assert _single_sample_warnings(record) == []

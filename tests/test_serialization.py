@@ -137,3 +137,43 @@ def test_save_load_mid_window_then_continue(tmp_path):
     dropped.fit(x[3 * batch:], y[3 * batch:], **fit)
     assert not np.allclose(dropped.get_weights()[0],
                            uninterrupted.get_weights()[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [CLARS, LARS])
+def test_exclusions_by_name_survive_save_and_load(cls, tmp_path):
+    """A name-excluded kernel stays unadapted and undecayed after a reload."""
+    batch = 8
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4 * batch, 5)).astype(np.float32)
+    y = rng.normal(size=(4 * batch, 3)).astype(np.float32)
+    fit = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(7, activation="tanh", name="hidden"),
+        keras.layers.Dense(3, name="head"),
+    ])
+    optimizer = cls(learning_rate=0.3, trust_coefficient=0.05,
+                    weight_decay=0.1)
+    optimizer.exclude_from_layer_adaptation(var_names=["head"])
+    optimizer.exclude_from_weight_decay(var_names=["hidden/kernel"])
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x[:2 * batch], y[:2 * batch], **fit)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    restored = keras.models.load_model(path)
+    loaded = restored.optimizer
+    hidden, head = restored.layers[0].kernel, restored.layers[1].kernel
+    assert not loaded._is_layer_adapted(head)
+    assert loaded._is_layer_adapted(hidden)
+    assert not loaded._takes_weight_decay(hidden)
+    assert loaded._takes_weight_decay(head)
+    assert loaded.get_config() == optimizer.get_config()
+    # Behaviour, not only flags: both continue along the same trajectory,
+    # and the head's trust ratio stays 1.
+    model.fit(x[2 * batch:], y[2 * batch:], **fit)
+    restored.fit(x[2 * batch:], y[2 * batch:], **fit)
+    for a, b in zip(restored.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert loaded.layer_statistics()[head.path]["trust_ratio"] == 1.0
