@@ -54,6 +54,21 @@ def conv_model(seed=0):
     return model
 
 
+def small_model(seed=0):
+    """Conv2D (strided), DepthwiseConv2D and Dense: the subprocess's model."""
+    model = keras.Sequential([
+        keras.Input((9, 9, 2)),
+        keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="tanh"),
+        keras.layers.DepthwiseConv2D(3, activation="tanh"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32")
+                       for w in model.get_weights()])
+    return model
+
+
 def data(count, seed=1, shape=(9, 9, 2)):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(count,) + shape).astype("float32")
@@ -130,9 +145,9 @@ def test_chooser_takes_the_cheaper_form():
 
 def test_chunked_batch_gives_the_same_norms(monkeypatch):
     x, y = data(BATCH)
-    reference = fit_one_update(conv_model(), x, y).optimizer.layer_statistics()
+    reference = fit_one_update(small_model(), x, y).optimizer.layer_statistics()
     monkeypatch.setattr(_per_example_tf, "CHUNK_ELEMENTS", 64)
-    chunked = fit_one_update(conv_model(), x, y).optimizer.layer_statistics()
+    chunked = fit_one_update(small_model(), x, y).optimizer.layer_statistics()
     assert len(chunked) == len(reference)
     for (path, values), got in zip(reference.items(), chunked.values()):
         np.testing.assert_allclose(got["complete_norm"],
@@ -157,7 +172,7 @@ def test_unexcluded_biases_get_per_example_norms():
 def test_accumulation_averages_over_the_window():
     """k = 2 micro-batches: N_l is the mean over all 2 * B examples."""
     x, y = data(2 * BATCH)
-    model = conv_model()
+    model = small_model()
     initial = model.get_weights()
     samples = per_example_gradients(model, x, y)
     wrapped = keras_clars.per_example_norms(model)
@@ -254,7 +269,7 @@ def test_batchnorm_model_trains_with_mean_contribution_norms():
 ], ids=["LARS", "SGD"])
 def test_wrapper_is_a_no_op_for_lars_and_keras_optimizers(make):
     x, y = data(2 * BATCH)
-    plain, base = conv_model(), conv_model()
+    plain, base = small_model(), small_model()
     plain.compile(optimizer=make(), loss=loss_fn())
     plain.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
     wrapped = keras_clars.per_example_norms(base)
@@ -340,7 +355,7 @@ def test_save_load_and_continue_equals_uninterrupted(tmp_path):
     x, y = data(4 * BATCH)
 
     def make():
-        wrapped = keras_clars.per_example_norms(conv_model())
+        wrapped = keras_clars.per_example_norms(small_model())
         wrapped.compile(optimizer=CLARS(learning_rate=LR,
                                         gradient_accumulation_steps=2, **HYPER),
                         loss=loss_fn(), metrics=["accuracy"])
@@ -364,21 +379,23 @@ def test_save_load_and_continue_equals_uninterrupted(tmp_path):
 
 def test_mixed_float16_norms_match_float32():
     x, y = data(BATCH)
-    reference = fit_one_update(conv_model(), x, y).optimizer.layer_statistics()
+    reference = fit_one_update(small_model(), x, y).optimizer.layer_statistics()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = conv_model()
+        model = small_model()
     finally:
         keras.mixed_precision.set_global_policy("float32")
     wrapped = fit_one_update(model, x, y)
     assert isinstance(wrapped.optimizer, keras.optimizers.LossScaleOptimizer)
     statistics = wrapped.optimizer.inner_optimizer.layer_statistics()
     assert int(wrapped.optimizer.inner_optimizer.non_finite_updates) == 0
-    for variable in model.trainable_variables:
+    assert len(statistics) == len(reference)
+    for variable, got, want in zip(model.trainable_variables,
+                                   statistics.values(), reference.values()):
         if len(variable.shape) > 1:
-            got = statistics[variable.path]["complete_norm"]
-            want = reference[variable.path]["complete_norm"]
-            np.testing.assert_allclose(got, want, rtol=2e-2, err_msg=variable.path)
+            np.testing.assert_allclose(got["complete_norm"], want["complete_norm"],
+                                       rtol=2e-2, err_msg=variable.path)
+            assert got["complete_norm"] > 1.05 * got["gradient_norm"]
     assert "_per_example_stash" not in vars(wrapped.optimizer.inner_optimizer) or \
         not wrapped.optimizer.inner_optimizer._per_example_stash
     assert "apply" not in vars(wrapped.optimizer.inner_optimizer)
@@ -402,19 +419,19 @@ WORKER = textwrap.dedent("""
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
-    x, y = t.data(4 * t.BATCH)
+    x, y = t.data(2 * t.BATCH)
     failures = []
     for steps, policy in ((None, "float32"), (2, "float32"), (None, "mixed_float16")):
         keras.mixed_precision.set_global_policy(policy)
         with strategy.scope():
-            wrapped = keras_clars.per_example_norms(t.conv_model())
+            wrapped = keras_clars.per_example_norms(t.small_model())
             wrapped.compile(optimizer=CLARS(learning_rate=t.LR,
                             gradient_accumulation_steps=steps, **t.HYPER),
                             loss=t.loss_fn())
         keras.mixed_precision.set_global_policy("float32")
         wrapped.fit(x, y, batch_size=t.BATCH, epochs=1, shuffle=False, verbose=0)
         # The reference: per-example gradients at the reference's weights.
-        model = t.conv_model()
+        model = t.small_model()
         weights = [np.asarray(w, np.float64) for w in model.get_weights()]
         velocities = [np.zeros_like(w) for w in weights]
         k = steps or 1

@@ -1,0 +1,309 @@
+"""The cost of exact per-example norms, against a plain CLARS step.
+
+    .venv/bin/python -m benchmarks.per_example_cost [--out PATH] [--quick]
+
+Three parts, one run:
+
+1. ResNet-20 (recipes.models.resnet20) on 32x32, batch 128: the compiled
+   training step (`train_on_batch`) with plain CLARS (micro-batch samples,
+   S = 1) and with `keras_clars.per_example_norms` (S = B). Median step time
+   over several steps after warm-up, and peak memory.
+2. The same for keras.applications.ResNet50(weights=None) on 224x224, batch
+   32, a few steps.
+3. The cost of accumulation: CLARS, LARS and Keras SGD, each with
+   gradient_accumulation_steps=16, on ResNet-20 (micro-batch 128),
+   interleaved in one process; time per micro-step.
+
+Peak memory: each variant of parts 1 and 2 runs in its own process, and the
+peak resident set size (`resource.getrusage(...).ru_maxrss`) of that process
+is reported, with the increase over the resident size just before the first
+step (the step's own working memory). `tf.config.experimental
+.get_memory_info` does not report CPU devices.
+
+Where a target (1.5x time, 1.5x memory) is missed, the per-layer plan is
+printed: each layer's form (outer, explicit, ghost, depthwise), its sizes and
+the estimated multiply-adds and memory the norms add. A JSON record goes to
+--out (default benchmarks/results/per_example_cost.json).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TARGET = 1.5
+ACCUMULATION_TARGET = 1.05
+
+
+def _rss_mb():
+    """Current resident set size in MB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(name):
+    import keras
+
+    if name == "resnet20":
+        from recipes.models import resnet20
+
+        return resnet20((32, 32, 3), 10), (32, 32, 3), 10
+    model = keras.applications.ResNet50(weights=None, classes=1000,
+                                        input_shape=(224, 224, 3))
+    return model, (224, 224, 3), 1000
+
+
+def _data(shape, classes, batch, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch,) + shape).astype("float32")
+    y = rng.integers(0, classes, size=batch).astype("int32")
+    return x, y
+
+
+def child(args):
+    """One variant in this process: prints one JSON line."""
+    import keras
+
+    import keras_clars
+
+    keras.utils.set_random_seed(0)
+    model, shape, classes = build(args.model)
+    if args.variant == "per_example":
+        model = keras_clars.per_example_norms(model)
+    model.compile(
+        optimizer=keras_clars.CLARS(learning_rate=0.1, weight_decay=5e-5),
+        # ResNet-20 ends in logits, keras.applications in a softmax.
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=args.model == "resnet20"),
+    )
+    x, y = _data(shape, classes, args.batch)
+    before = _rss_mb()
+    start = time.perf_counter()
+    model.train_on_batch(x, y)  # trace, compile, first step
+    first = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
+        model.train_on_batch(x, y)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({
+        "model": args.model, "variant": args.variant, "batch": args.batch,
+        "first_step_s": first, "step_s": statistics.median(times),
+        "step_min_s": min(times), "steps": times,
+        "rss_before_first_step_mb": before, "peak_rss_mb": _peak_mb(),
+        "step_memory_mb": _peak_mb() - before,
+    }))
+
+
+def run_child(model, variant, batch, steps, warmup):
+    command = [sys.executable, "-m", "benchmarks.per_example_cost", "--child",
+               "--model", model, "--variant", variant, "--batch", str(batch),
+               "--steps", str(steps), "--warmup", str(warmup)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, env=env, capture_output=True, text=True,
+                            timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{model}/{variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def layer_plan(name, batch):
+    """Per supported layer: form, sizes, estimated extra work and memory."""
+    from keras_clars import _per_example_tf as pe
+
+    model, _, _ = build(name)
+    rows = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not isinstance(layer, pe.SUPPORTED) or not layer.trainable_weights:
+            continue
+        a_shape = (batch,) + tuple(layer.input.shape[1:])
+        d_shape = (batch,) + tuple(layer.output.shape[1:])
+        form, tokens, k, c = pe.layer_plan(layer, a_shape, d_shape)
+        t = tokens or 1
+        groups = getattr(layer, "groups", 1)
+        if form == "outer":
+            extra, memory = batch * (k + c), 0
+        elif form == "ghost":
+            extra, memory = batch * t * t * (k + c) * groups, batch * t * t * groups
+        elif form == "depthwise":
+            extra, memory = batch * t * k * c, batch * t * k * (c // max(
+                getattr(layer, "depth_multiplier", 1), 1))
+        else:
+            extra, memory = batch * t * k * c * groups, batch * (k * c + t * k) * groups
+        # The kernel gradient of the layer itself, for scale.
+        kernel_grad = batch * t * k * c * groups if form != "outer" else batch * k * c
+        rows.append({
+            "layer": layer.name, "type": type(layer).__name__, "form": form,
+            "T": tokens, "K": k, "C": c, "groups": groups,
+            "extra_madds": extra, "kernel_grad_madds": kernel_grad,
+            "extra_memory_mb": 4 * memory / 2**20,
+        })
+    return rows
+
+
+def accumulation(args):
+    """CLARS vs LARS vs SGD, k = 16, interleaved; seconds per micro-step."""
+    import keras
+
+    import keras_clars
+    from recipes.models import resnet20
+
+    k = 16
+    makers = {
+        "SGD": lambda: keras.optimizers.SGD(0.1, momentum=0.9,
+                                            gradient_accumulation_steps=k),
+        "LARS": lambda: keras_clars.LARS(learning_rate=0.1, weight_decay=5e-5,
+                                         gradient_accumulation_steps=k),
+        "CLARS": lambda: keras_clars.CLARS(learning_rate=0.1, weight_decay=5e-5,
+                                           gradient_accumulation_steps=k),
+    }
+    x, y = _data((32, 32, 3), 10, args.accumulation_batch)
+    models = {}
+    for name, make in makers.items():
+        keras.utils.set_random_seed(0)
+        model = resnet20((32, 32, 3), 10)
+        model.compile(optimizer=make(),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        for _ in range(k):  # warm-up window: trace, compile, one update
+            model.train_on_batch(x, y)
+        models[name] = model
+    times = {name: [] for name in makers}
+    for _ in range(args.accumulation_rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(k):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - start) / k)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "k": k, "micro_batch": args.accumulation_batch,
+        "rounds": args.accumulation_rounds,
+        "micro_step_s": medians, "all_s": times,
+        "CLARS/LARS": medians["CLARS"] / medians["LARS"],
+        "CLARS/SGD": medians["CLARS"] / medians["SGD"],
+        "LARS/SGD": medians["LARS"] / medians["SGD"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/per_example_cost.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="ResNet-20 only, fewer steps (a smoke run)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--variant", default="clars")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--accumulation_batch", type=int, default=128)
+    parser.add_argument("--accumulation_rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+
+    import keras
+    import tensorflow as tf
+
+    cases = [("resnet20", 128, 3 if args.quick else 7, 2)]
+    if not args.quick:
+        cases.append(("resnet50", 32, 3, 1))
+    record = {
+        "command": "python -m benchmarks.per_example_cost "
+                   + " ".join(sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "environment": {
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "models": {},
+    }
+    print(f"per-example norms vs plain CLARS; load average {os.getloadavg()}")
+    header = (f"{'model':<9} {'batch':>5} {'CLARS s':>9} {'per-ex s':>9} "
+              f"{'time x':>7} {'CLARS MB':>9} {'per-ex MB':>9} {'peak x':>7} "
+              f"{'step-mem x':>10}")
+    lines = []
+    for model, batch, steps, warmup in cases:
+        # Interleave the variants' processes so load drifts hit both alike.
+        plain = run_child(model, "clars", batch, steps, warmup)
+        wrapped = run_child(model, "per_example", batch, steps, warmup)
+        ratios = {
+            "time": wrapped["step_s"] / plain["step_s"],
+            "time_of_minima": wrapped["step_min_s"] / plain["step_min_s"],
+            "peak_memory": wrapped["peak_rss_mb"] / plain["peak_rss_mb"],
+            "step_memory": wrapped["step_memory_mb"] / max(plain["step_memory_mb"], 1),
+        }
+        entry = {"clars": plain, "per_example": wrapped, "ratios": ratios}
+        missed = ratios["time"] > TARGET or ratios["peak_memory"] > TARGET
+        plan = layer_plan(model, batch)
+        entry["layers"] = plan
+        entry["targets_met"] = not missed
+        record["models"][model] = entry
+        lines.append(
+            f"{model:<9} {batch:>5} {plain['step_s']:>9.3f} {wrapped['step_s']:>9.3f} "
+            f"{ratios['time']:>7.2f} {plain['peak_rss_mb']:>9.0f} "
+            f"{wrapped['peak_rss_mb']:>9.0f} {ratios['peak_memory']:>7.2f} "
+            f"{ratios['step_memory']:>10.2f}")
+        print(header + "\n" + lines[-1], flush=True)
+        forms = {}
+        for row in plan:
+            forms[row["form"]] = forms.get(row["form"], 0) + 1
+        extra = sum(r["extra_madds"] for r in plan)
+        grads = sum(r["kernel_grad_madds"] for r in plan)
+        print(f"  forms: {forms}; estimated extra multiply-adds "
+              f"{extra / 1e9:.2f} G vs {grads / 1e9:.2f} G for the kernel "
+              f"gradients ({extra / grads:.2f}x)")
+        if missed:
+            print("  target missed; the costliest layers (estimated):")
+            for row in sorted(plan, key=lambda r: -r["extra_madds"])[:12]:
+                print(f"    {row['layer']:<28} {row['form']:<9} T={row['T']} "
+                      f"K={row['K']} C={row['C']} extra "
+                      f"{row['extra_madds'] / 1e6:8.1f} M madds "
+                      f"({row['extra_madds'] / row['kernel_grad_madds']:.2f}x "
+                      f"its kernel gradient), "
+                      f"{row['extra_memory_mb']:.1f} MB")
+
+    print("accumulation, k = 16 (ResNet-20, micro-batch "
+          f"{args.accumulation_batch}), seconds per micro-step:", flush=True)
+    if args.quick:
+        args.accumulation_rounds = 1
+    acc = accumulation(args)
+    record["accumulation"] = acc
+    acc_line = " ".join(f"{n} {s:.4f}" for n, s in acc["micro_step_s"].items())
+    print(f"  {acc_line}; CLARS/LARS {acc['CLARS/LARS']:.3f} "
+          f"(target <= {ACCUMULATION_TARGET}), CLARS/SGD {acc['CLARS/SGD']:.3f}")
+    record["load_average_at_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print("\n| model | batch | CLARS step | per-example step | time x | "
+          "CLARS peak | per-example peak | peak x | step memory x |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, entry in record["models"].items():
+        p, w, r = entry["clars"], entry["per_example"], entry["ratios"]
+        print(f"| {model} | {p['batch']} | {p['step_s']:.3f} s | "
+              f"{w['step_s']:.3f} s | {r['time']:.2f} | {p['peak_rss_mb']:.0f} MB | "
+              f"{w['peak_rss_mb']:.0f} MB | {r['peak_memory']:.2f} | "
+              f"{r['step_memory']:.2f} |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
