@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -115,7 +116,11 @@ def test_norms_and_update_match_brute_force_and_reference(form):
     model = conv_model()
     initial = model.get_weights()
     samples = per_example_gradients(model, x, y)
-    wrapped = fit_one_update(model, x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = fit_one_update(model, x, y)
+    # S = B samples: CLARS's one-sample warning must not fire.
+    assert not [w for w in caught if "one gradient sample" in str(w.message)]
     optimizer = wrapped.optimizer
     assert int(optimizer.iterations) == 1
     statistics = optimizer.layer_statistics()
