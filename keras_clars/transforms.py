@@ -6,12 +6,14 @@ vectors of per-layer scalars, so it can be tested on its own against NumPy
 of small transforms.
 """
 
+import keras
 from keras import ops
 
 
 def norm_dtype(dtype):
     """Norms and ratios are float32, or float64 for float64 variables."""
-    return "float64" if str(dtype) == "float64" else "float32"
+    float64 = keras.backend.standardize_dtype(dtype) == "float64"
+    return "float64" if float64 else "float32"
 
 
 def squared_norm(x):
