@@ -1,146 +1,177 @@
-"""The main job: CLARS without warmup against LARS and SGD with warmup.
+"""The main job: CLARS without warmup against LARS (with and without warmup)
+and SGD with warmup, at the evidence study's setting and learning rates.
 
-    .venv/bin/python recipes/compare.py          # what `make demo` runs
+    .venv/bin/python -m recipes.compare          # what `make demo` runs
 
-Trains the same small ResNet-20 on Fashion-MNIST at one large batch (4096)
-with each optimizer, as the named configs recipes/configs/fashion_mnist_b4096_
-{clars,lars,sgd}.cfg say: the same epochs, poly decay and micro-batch; CLARS
-without warmup, LARS and SGD with one epoch of warmup. Prints a results
-table and writes compare.png (training loss and test accuracy per epoch)
-and results.json into --output_dir. About 10 minutes on 2 CPU cores.
+Each method is one `recipes.train.run` of the study's protocol
+(`recipes.study`: Fashion-MNIST pooled to 14x14, ResNet-8, B = 4096 in
+micro-batches of b = 256, 12 epochs, eta 0.01, warmup 2 epochs where a
+method has it), at the peak learning rate the study chose on its validation
+split, read from docs/results/chosen.json. Until the study has tuned a
+method, the job uses a provisional rate and says so, with where it came
+from. Seed 1 (a seed of the study's finals, never used for tuning).
 
-`--override=epochs=1` (repeatable) changes a training flag of every method.
+Prints a table (best validation accuracy over the epochs, final validation
+accuracy, and the test accuracy, evaluated once at the end) and writes
+compare.png and results.json into --output_dir. `--full_size` trains on the
+28x28 images instead (about 4x the compute). `--override=epochs=1`
+(repeatable) changes a training flag of every method (tests).
 """
 
+import dataclasses
 import json
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from recipes import report, study, train
 
-from recipes import train  # noqa: E402
+PLAN = study.Plan()
+_B, _b = PLAN.ablation_batch, PLAN.micro_batch
+# Method -> the study's curve.
+METHODS = {
+    "clars": f"B{_B}_clars_nowarmup_b{_b}",
+    "lars": f"B{_B}_lars_warmup_b{_b}",
+    "lars_nowarmup": f"B{_B}_lars_nowarmup_b{_b}",
+    "sgd": f"B{_B}_sgd_warmup_b{_b}",
+    "clars_per_example": f"B{_B}_clars_nowarmup_b1",
+}
+DEFAULT_METHODS = ("clars", "lars", "lars_nowarmup", "sgd")
+_FIRST_STUDY = (
+    "provisional: the first study's choice on validation (commit 355c1f8; "
+    "B=4096, b=256, eta 0.01, 3-epoch tuning, 4 warmup updates; its records "
+    "are not in the repo)"
+)
+# Used only until docs/results/chosen.json has the curve, tuned.
+PROVISIONAL = {
+    METHODS["clars"]: (3.0, _FIRST_STUDY),
+    METHODS["lars"]: (3.0, _FIRST_STUDY),
+    METHODS["lars_nowarmup"]: (3.0, "provisional: LARS-with-warmup's value of the "
+                               "first study (it ran LARS without warmup only there)"),
+    METHODS["sgd"]: (0.5333, _FIRST_STUDY),
+    METHODS["clars_per_example"]: (3.0, "provisional and untuned: CLARS's value "
+                                   "(per-example norms were not in the first study)"),
+}
+CHOSEN = os.path.join("docs", "results", "chosen.json")
+SEED = 1
 
-METHODS = ("clars", "lars", "sgd")
 flags.DEFINE_string("output_dir", "runs/compare", "Where the plot and JSON go.")
-flags.DEFINE_list("methods", list(METHODS), "Optimizers to compare.")
-flags.DEFINE_string("config_prefix", os.path.join(ROOT, "recipes", "configs", "fashion_mnist_b4096"),
-                    "Configs <prefix>_<method>.cfg to run.")
-flags.DEFINE_multi_string("override", [], "A train.py flag for every method, "
+flags.DEFINE_list("methods", list(DEFAULT_METHODS),
+                  f"Methods to compare, some of {', '.join(METHODS)}.")
+flags.DEFINE_string("chosen", CHOSEN, "The study's chosen rates (recipes.study report).")
+flags.DEFINE_bool("full_size", False, "Train on 28x28 images, not the study's 14x14.")
+flags.DEFINE_integer("seed", SEED, "Seed of every run.")
+flags.DEFINE_multi_string("override", [], "A recipes.train flag for every method, "
                           "as name=value (e.g. epochs=1).")
 FLAGS = flags.FLAGS
 
 NOTES = """\
 Notes:
-- b is the slice size (examples per gradient sample) and S = B / b the
-  gradient samples per update; CLARS's complete norm averages S sample norms
-  (with S = 1 it would be LARS). LARS and SGD use the same micro-batches, so
-  BatchNorm sees the same batches in every run.
-- At B = 4096 an epoch of Fashion-MNIST is only 14 updates (224 micro-steps):
-  BatchNorm's momentum is 0.9 (Keras default 0.99) so that its moving
-  statistics, used for the test accuracy, keep up with the weights.
-- Warmup is the usual remedy for SGD and LARS at large batch (Goyal et al.);
-  CLARS runs without it, as the paper claims it needs none. This job does
-  not run SGD or LARS without warmup.
-- Train loss is Keras's mean over each epoch (augmented data, BatchNorm in
-  training mode); test accuracy is on the 10,000 test images.
+- The setting is the evidence study's (docs/results.md): b is the slice size
+  (examples per gradient sample), S = B / b samples per update; every method
+  uses the same micro-batches, so BatchNorm sees the same batches.
+- Learning rates: each method's peak lr is the one the study chose on its
+  validation split ("lr from" says where each value came from). LARS and
+  CLARS use trust coefficient 0.01; biases and BatchNorm take the plain lr.
+- Best val. acc. is the best validation accuracy over the epochs; the test
+  accuracy is evaluated once, at the end, and chooses nothing.
+- One seed: compare with the study's spread over seeds (docs/results/finals.md).
 """
 
 
-def compare(methods, config_prefix, overrides=(), output_dir=None):
-    """Runs each method's config; returns a list of per-method results."""
+def learning_rate(curve, chosen_path):
+    """(peak lr, where it came from) for a study curve."""
+    if chosen_path and os.path.exists(chosen_path):
+        with open(chosen_path) as f:
+            chosen = json.load(f)
+        entry = chosen.get(curve)
+        if entry and entry.get("state") == "tuned":
+            return entry["peak_lr"], f"study, chosen on validation ({chosen_path})"
+    return PROVISIONAL[curve]
+
+
+def _override(config, overrides):
+    """`config` with `name=value` changes, typed as the `Config` field."""
+    types = {f.name: f.type for f in dataclasses.fields(train.Config)}
+    changes = {}
+    for text in overrides:
+        name, _, value = text.partition("=")
+        if name not in types:
+            raise ValueError(f"--override: no training flag {name!r} in {text!r}.")
+        kind = types[name]
+        changes[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return dataclasses.replace(config, **changes)
+
+
+def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_size=False,
+            seed=SEED):
+    """Runs each method at the study's setting; returns per-method results."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; expected some of {', '.join(METHODS)}.")
+    if full_size:
+        overrides = ["image_size=28", *overrides]
     results = []
     for method in methods:
-        path = f"{config_prefix}_{method}.cfg"
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No config {path} for method {method!r}.")
-        config = train.config_from_args(
-            [f"--flagfile={path}"] + [f"--{o}" for o in overrides]
-        )
-        print(f"\n=== {method}: {path}", flush=True)
-        began = time.time()
+        curve = PLAN.curve(METHODS[method])
+        lr, source = learning_rate(curve.name, chosen_path)
+        config = _override(PLAN.config(curve, lr, seed), overrides)
+        print(f"\n=== {method}: peak lr {lr:g} ({source})", flush=True)
         result = train.run(config)
-        summary = result["summary"]
-        results.append({
-            "method": method,
-            "config": vars(config),
-            "summary": {**summary, "wall_seconds": time.time() - began},
-            "epochs": result["epochs"],
-        })
+        results.append({"method": method, "curve": curve.name, "lr_source": source,
+                        "record": result["record"]})
     if output_dir:
+        from keras_clars.callbacks import _write_json_atomically
+
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        plot(results, os.path.join(output_dir, "compare.png"))
+        _write_json_atomically(os.path.join(output_dir, "results.json"), results, indent=1)
+        r = results[0]["record"]
+        c = r["config"]
+        report.plot_epochs(
+            [(f"{x['method']} (lr {x['record']['config']['base_lr']:g})",
+              x["record"]["epochs"]) for x in results],
+            os.path.join(output_dir, "compare.png"),
+            title=(f"Fashion-MNIST {r['summary']['image_size']}px, ResNet-{c['depth']} "
+                   f"width {c['width']}, B={c['batch_size']}, b={c['micro_batch_size']}, "
+                   f"seed {c['seed']}"),
+        )
     return results
 
 
 def table(results):
     """The results as a text table."""
-    header = (f"{'method':<7}{'warmup':>8}{'peak lr':>9}{'B':>6}{'b':>5}{'S':>4}"
-              f"{'train loss':>12}{'test acc':>10}{'best acc':>10}{'wall s':>8}")
-    lines = [header, "-" * len(header)]
-    for r in results:
-        s, c, last = r["summary"], r["config"], r["epochs"][-1]
-        best = max(e.get("val_accuracy", float("nan")) for e in r["epochs"])
+    header = (f"{'method':<18}{'warmup':>7}{'peak lr':>9}{'B':>6}{'b':>5}{'S':>6}"
+              f"{'best val acc':>14}{'final val':>10}{'test acc':>10}{'wall s':>8}  lr from")
+    lines = [header, "-" * (len(header) + 20)]
+    for x in results:
+        r = x["record"]
+        s, c = r["summary"], r["config"]
+        values = [e.get("val_accuracy") or 0.0 for e in r["epochs"]]
+        best = max(range(len(values)), key=values.__getitem__) if values else 0
+        test = r.get("test_accuracy")
+        final = r.get("final_validation_accuracy")
         lines.append(
-            f"{r['method']:<7}{c['warmup_epochs']:>7g}e{s['peak_lr']:>9g}"
-            f"{s['global_batch_B']:>6}{s['slice_size_b']:>5}{s['samples_S']:>4}"
-            f"{last['loss']:>12.4f}{last.get('val_accuracy', float('nan')):>10.4f}"
-            f"{best:>10.4f}{s['wall_seconds']:>8.0f}"
+            f"{x['method']:<18}{c['warmup_epochs']:>6g}e{c['base_lr']:>9g}"
+            f"{s['global_batch_B']:>6}{s['slice_size_b']:>5}{s['samples_S']:>6}"
+            f"{100 * values[best]:>8.2f} (e{best + 1:>2})"
+            f"{'' if final is None else f'{100 * final:.2f}':>10}"
+            f"{'' if test is None else f'{100 * test:.2f}':>10}"
+            f"{r['wall_seconds']:>8.0f}  {x['lr_source']}"
         )
     return "\n".join(lines)
-
-
-def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in results:
-        epochs = [e["epoch"] + 1 for e in r["epochs"]]
-        s, c = r["summary"], r["config"]
-        label = (f"{r['method'].upper()} (warmup {c['warmup_epochs']:g} ep, "
-                 f"peak lr {s['peak_lr']:g})")
-        loss_axes.plot(epochs, [e["loss"] for e in r["epochs"]], "o-", label=label)
-        accuracy_axes.plot(epochs, [e["val_accuracy"] for e in r["epochs"]], "o-",
-                           label=label)
-    s = results[0]["summary"]
-    loss_axes.set(xlabel="epoch", ylabel="training loss", yscale="log",
-                  title="Training loss")
-    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    figure.suptitle(
-        f"Fashion-MNIST, ResNet-20 (width {results[0]['config']['width']}), "
-        f"B={s['global_batch_B']}, b={s['slice_size_b']}, S={s['samples_S']}, "
-        f"{s['updates_per_epoch']} updates/epoch"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    unknown = set(FLAGS.methods) - set(METHODS)
-    if unknown:
-        sys.exit(f"compare.py: error: unknown methods {sorted(unknown)}; "
-                 f"expected some of {', '.join(METHODS)}.")
     began = time.time()
     try:
-        results = compare(FLAGS.methods, FLAGS.config_prefix, FLAGS.override,
-                          FLAGS.output_dir)
+        results = compare(FLAGS.methods, FLAGS.chosen, FLAGS.override, FLAGS.output_dir,
+                          FLAGS.full_size, FLAGS.seed)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"compare.py: error: {error}")
+        sys.exit(f"recipes.compare: error: {error}")
     print("\n" + table(results))
     print(NOTES)
     print(f"Wrote {os.path.join(FLAGS.output_dir, 'compare.png')} and "

@@ -10,11 +10,24 @@ Two augmentation recipes, chosen by the dataset's native image size:
   augmentation for evaluation. A random resized crop would throw away most
   of a 28 px image. It runs on whole batches, so it costs little CPU.
 
+`augment=False` turns augmentation off (the evidence study trains without
+it); training batches then get the evaluation preprocessing.
+
 Pixels are scaled to [0, 1] and standardized with the dataset's channel mean
-and standard deviation; labels are one-hot. The training dataset repeats
-forever (`model.fit` is given `steps_per_epoch`) and is batched at the global
-micro-batch; `model.fit` splits each batch over the replicas of the strategy.
+and standard deviation (the recipes' one normalisation); labels are one-hot.
+A small image asked for at a side that divides its native side is average-
+pooled (Fashion-MNIST at 14: 2x2 pooling of the 28x28 images), otherwise
+resized bilinearly. The training dataset repeats forever (`model.fit` is
+given `steps_per_epoch`) and is batched at the global micro-batch;
+`model.fit` splits each batch over the replicas of the strategy.
+
+A validation split (`load(..., validation_examples=N)`, Fashion-MNIST only)
+holds out N training examples chosen by a permutation with its own seed
+(`VALIDATION_SEED`, independent of a run's seed): split `"train"` is the
+rest, split `"validation"` the N held out; `"eval"` stays the test split.
 """
+
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -31,6 +44,10 @@ _STATS = {
 }
 SMALL_PAD = 4
 EVAL_CROP = 0.875
+SPLITS = ("train", "validation", "eval")
+# The permutation that holds out the validation examples: fixed, and not a
+# run's --seed, so every run of a study sees the same split.
+VALIDATION_SEED = 1234
 
 
 class Source:
@@ -59,29 +76,74 @@ def _check_name(name):
         )
 
 
-def load(name, split, data_dir=None, download=False):
-    """Loads split `"train"` or `"eval"` of a dataset as a `Source`.
+@functools.lru_cache(maxsize=4)
+def _fashion_arrays(split, data_dir):
+    images, labels = fashion.load_fashion_mnist(split, data_dir)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def validation_indices(total, validation_examples, seed=VALIDATION_SEED):
+    """(train, validation) index arrays: a fixed permutation of `total`."""
+    if not 0 <= validation_examples < total:
+        raise ValueError(
+            f"--validation_examples must be in [0, {total}); received "
+            f"{validation_examples}."
+        )
+    order = np.random.default_rng(seed).permutation(total)
+    return order[validation_examples:], order[:validation_examples]
+
+
+def load(name, split, data_dir=None, download=False, validation_examples=0,
+         train_examples=0):
+    """Loads split `"train"`, `"validation"` or `"eval"` of a dataset.
 
     Args:
         name: one of `DATASETS`.
-        split: `"train"` or `"eval"` (the test or validation split).
+        split: `"train"`, `"validation"` (held out of the training split;
+            needs `validation_examples`) or `"eval"` (the test split;
+            ImageNet's validation split).
         data_dir: tfds's data folder, or the folder of the Fashion-MNIST
             files; None for the default.
         download: let tensorflow-datasets download and prepare the data.
+        validation_examples: training examples held out for validation
+            (Fashion-MNIST only); 0: none.
+        train_examples: keep only the first N training examples (after the
+            hold-out; for tiny test runs); 0: all.
+
+    Returns:
+        A `Source`.
 
     Raises:
         FileNotFoundError: the data is not there (and `download` is off), with
             instructions. It is raised before anything is read or built.
     """
     _check_name(name)
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval'; received split={split!r}.")
+    if split not in SPLITS:
+        raise ValueError(
+            f"split must be one of {', '.join(SPLITS)}; received split={split!r}."
+        )
+    if (validation_examples or train_examples) and name != "fashion_mnist":
+        raise ValueError(
+            "--validation_examples and --train_examples need --dataset="
+            f"fashion_mnist; received --dataset={name}."
+        )
+    if split == "validation" and not validation_examples:
+        raise ValueError("split='validation' needs validation_examples > 0.")
     eval_split = _STATS[name][0]
     if name == "fashion_mnist":
-        images, labels = fashion.load_fashion_mnist(
-            "train" if split == "train" else "test",
+        images, labels = _fashion_arrays(
+            "test" if split == "eval" else "train",
             data_dir or fashion.FASHION_MNIST_DIR,
         )
+        if split != "eval":
+            kept, held = validation_indices(len(images), validation_examples)
+            if split == "validation":
+                kept = held
+            elif train_examples:
+                kept = kept[:train_examples]
+            images, labels = images[kept], labels[kept]
         dataset = tf.data.Dataset.from_tensor_slices(
             (images[..., np.newaxis], labels.astype(np.int32))
         )
@@ -170,8 +232,18 @@ def center_crop(image, size, fraction=EVAL_CROP):
     return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
-def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=16384,
-             seed=None):
+def resize_or_pool(images, image_size, native_size):
+    """Average-pools by an integer factor when it divides; otherwise resizes."""
+    if image_size == native_size:
+        return images
+    if native_size and image_size < native_size and native_size % image_size == 0:
+        factor = native_size // image_size
+        return tf.nn.avg_pool2d(images, factor, factor, "VALID")
+    return tf.image.resize(images, [image_size, image_size])
+
+
+def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=None,
+             seed=None, augment=True):
     """Batches a `Source` for `model.fit` / `model.evaluate`.
 
     Args:
@@ -180,33 +252,36 @@ def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=1638
         batch_size: the global (micro-)batch: per-replica batch * replicas.
         image_size: the side of the model's input.
         training: augment, shuffle, repeat forever and drop the remainder.
-        shuffle_buffer: examples in the shuffle buffer (the whole split for
-            small datasets).
+        shuffle_buffer: examples in the shuffle buffer; None: the whole
+            split for 28-32 px datasets, 16384 for ImageNet.
         seed: the shuffle's seed (None: the global seed).
+        augment: augment training batches (see the module docstring).
     """
     dataset = source.dataset
     classes = source.num_classes
     small = source.native_size is not None and source.native_size <= 32
     if training:
+        if shuffle_buffer is None:
+            shuffle_buffer = source.num_examples if small and source.num_examples else 16384
         buffer = min(shuffle_buffer, source.num_examples or shuffle_buffer)
         dataset = dataset.shuffle(buffer, seed=seed).repeat()
 
     def finish(images, labels):
         images = _normalize(name, images)
-        if small and image_size != source.native_size:
-            images = tf.image.resize(images, [image_size, image_size])
+        if small:
+            images = resize_or_pool(images, image_size, source.native_size)
         return images, tf.one_hot(labels, classes)
 
     if small:
         dataset = dataset.batch(batch_size, drop_remainder=training)
-        if training:
+        if training and augment:
             dataset = dataset.map(
                 lambda x, y: (pad_crop_flip(x), y), num_parallel_calls=tf.data.AUTOTUNE
             )
     else:
         crop = (
             (lambda x, y: (random_resized_crop(x, image_size), y))
-            if training
+            if training and augment
             else (lambda x, y: (center_crop(x, image_size), y))
         )
         dataset = dataset.map(crop, num_parallel_calls=tf.data.AUTOTUNE)

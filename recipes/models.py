@@ -109,7 +109,7 @@ def kerascv_backbone(class_name, input_shape, config=None):
 
 
 def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
-                synchronized_bn=False, kerascv_config=None):
+                synchronized_bn=False, kerascv_config=None, depth=20):
     """Builds a model by name, with random weights; outputs are logits.
 
     Args:
@@ -120,6 +120,7 @@ def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
         bn_momentum: BatchNorm momentum of every model but KerasCV's.
         synchronized_bn: cross-replica BatchNorm (not for KerasCV models).
         kerascv_config: the KerasCV backbone's config (dict or JSON).
+        depth: `resnet20`'s depth, 6n + 2 (8: ResNet-8).
     """
     check_name(name)
     if name.startswith(KERASCV_PREFIX):
@@ -128,7 +129,8 @@ def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
         outputs = layers.Dense(num_classes)(x)
         return keras.Model(backbone.input, outputs, name=backbone.name)
     if name == "resnet20":
-        return resnet20(input_shape, num_classes, width, bn_momentum, synchronized_bn)
+        return resnet20(input_shape, num_classes, width, bn_momentum, synchronized_bn,
+                        depth=depth)
     if min(input_shape[:2]) < MIN_APPLICATION_SIZE:
         raise ValueError(
             f"{name} needs inputs of at least {MIN_APPLICATION_SIZE}x"

@@ -1,41 +1,42 @@
-"""Large-batch training with CLARS, LARS or SGD: one script, absl flags.
+"""Large-batch training with CLARS, LARS or SGD: one trainer, absl flags.
 
-    .venv/bin/python recipes/train.py \\
+    .venv/bin/python -m recipes.train \\
         --flagfile=recipes/configs/resnet50_imagenet_b16k_clars.cfg \\
         --data_dir=$HOME/tensorflow_datasets --model_dir=runs/resnet50_clars
 
 With no flags it trains a ResNet-20 on Fashion-MNIST (offline). Every flag
-and the named configs are described in docs/recipes.md. Other scripts call
-`run(Config(...))`; `compare.py` does.
+and the named configs are described in docs/recipes.md. `run(Config(...))`
+is the one training function: the main job (`recipes.compare`) and the
+evidence study (`recipes.study`) call it.
 """
 
 import dataclasses
 import glob
 import json
 import os
+import platform
 import re
+import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python recipes/train.py` puts recipes/ first, not ROOT.
-    sys.path.insert(0, ROOT)
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import keras_clars  # noqa: E402
-from keras_clars import schedules  # noqa: E402
-from keras_clars.callbacks import (  # noqa: E402
+import keras_clars
+from keras_clars import schedules
+from keras_clars.callbacks import (
     LayerStatisticsLogger,
     NonFiniteUpdateMonitor,
 )
 # The one atomic JSON writer, shared with the library's statistics logger.
-from keras_clars.callbacks import _write_json_atomically  # noqa: E402
-from recipes import data, models, strategies  # noqa: E402
+from keras_clars.callbacks import _write_json_atomically
+from recipes import data, models, strategies
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD_FORMAT = "keras-clars-run/1"
 OPTIMIZERS = ("clars", "lars", "sgd")
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALINGS = ("linear", "none")
@@ -48,12 +49,17 @@ class Config:
 
     model: str = "resnet20"
     width: int = 16
+    depth: int = 20
     kerascv_config: str = ""
     dataset: str = "fashion_mnist"
     data_dir: str = ""
     download: bool = False
     image_size: int = 0
+    augment: bool = True
+    validation_examples: int = 0
+    train_examples: int = 0
     optimizer: str = "clars"
+    per_example_norms: bool = False
     batch_size: int = 1024
     micro_batch_size: int = 0
     base_lr: float = 1.0
@@ -81,19 +87,35 @@ class Config:
     sync_batchnorm: bool = False
     bn_momentum: float = 0.9
     layer_stats_interval: int = 0
+    layer_stats_path: str = ""
+    record_path: str = ""
     verbose: int = 1
 
 
 HELP = {
     "model": f"One of {', '.join(models.MODELS)}, or kerascv:<BackboneClass>.",
     "width": "ResNet-20's first-stage channels (16 in He et al.).",
+    "depth": "Depth 6n+2 of --model=resnet20 (the CIFAR-style ResNet of He et "
+    "al.): 20 (n=3), or 8 for ResNet-8 (one block a stage).",
     "kerascv_config": "JSON config of a kerascv: backbone (input_shape is set).",
     "dataset": "Dataset; fashion_mnist is read offline from the Debian package.",
     "data_dir": "tensorflow-datasets data_dir (or the Fashion-MNIST folder).",
     "download": "Let tensorflow-datasets download and prepare the dataset.",
     "image_size": "Model input side; 0: the dataset's (224 for ImageNet; "
-    "at least 32 for keras.applications models).",
+    "at least 32 for keras.applications models). A side that divides a small "
+    "dataset's native one average-pools (Fashion-MNIST 14: 2x2 pooling).",
+    "augment": "Augment the training images (pad-crop-flip; ImageNet: random "
+    "resized crop); --noaugment: the evaluation preprocessing.",
+    "validation_examples": "Hold out N training examples (a fixed permutation, "
+    "independent of --seed; Fashion-MNIST only) for the per-epoch evaluation; "
+    "the test split is then evaluated once, at the end (test_accuracy). 0: "
+    "evaluate on the test split every epoch.",
+    "train_examples": "Train on only the first N remaining training examples "
+    "(tiny test runs); 0: all.",
     "optimizer": "clars, lars or sgd (Keras SGD, momentum).",
+    "per_example_norms": "clars only: exact per-example gradient norms as "
+    "CLARS's samples (keras_clars.per_example_norms; b=1, S=B). Refused for "
+    "lars and sgd, which take no sample norms.",
     "batch_size": "Global batch B: examples per update, over all replicas.",
     "micro_batch_size": "Examples per replica per micro-step (the slice size b "
     "of CLARS); 0: B / replicas. k = B / (b * replicas) micro-steps are "
@@ -111,7 +133,8 @@ HELP = {
     "label_smoothing": "Label smoothing of the cross-entropy.",
     "epochs": "Training epochs.",
     "steps_per_epoch": "Updates per epoch; 0: the training split / B.",
-    "eval_steps": "Evaluation batches per epoch; 0: the whole split.",
+    "eval_steps": "Evaluation batches per epoch (and of the final test "
+    "evaluation); 0: the whole split.",
     "strategy": f"tf.distribute strategy: {', '.join(strategies.STRATEGIES)}.",
     "tpu": "TPU name or address for --strategy=tpu.",
     "logical_cpus": "Split the CPU into N logical devices first (testing).",
@@ -128,6 +151,11 @@ HELP = {
     "layer_stats_interval": "clars/lars: log per-layer trust ratios and "
     "coherence every N updates to <model_dir>/layer_statistics.json and "
     "TensorBoard <model_dir>/logs/layers (0: off; docs/diagnostics.md).",
+    "layer_stats_path": "The JSON file of --layer_stats_interval; empty: "
+    "<model_dir>/layer_statistics.json.",
+    "record_path": "Write the run's JSON record here (config, commit, package "
+    "versions, wall time, per-epoch metrics, final validation and test "
+    "accuracy); empty: none.",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line.",
 }
 ENUMS = {
@@ -180,7 +208,8 @@ def validate(config):
                       ("steps_per_epoch", 0), ("eval_steps", 0),
                       ("checkpoint_steps", 0), ("logical_cpus", 0),
                       ("image_size", 0), ("batch_size", 1), ("epochs", 1),
-                      ("layer_stats_interval", 0)]:
+                      ("layer_stats_interval", 0), ("validation_examples", 0),
+                      ("train_examples", 0)]:
         value = getattr(config, name)
         if not value >= low:
             raise ValueError(f"--{name} must be >= {low}; received --{name}={value}.")
@@ -197,6 +226,22 @@ def validate(config):
         raise ValueError(
             "--layer_stats_interval needs --optimizer=clars or lars; received "
             "--optimizer=sgd."
+        )
+    if config.model == "resnet20" and ((config.depth - 2) % 6 or config.depth < 8):
+        raise ValueError(
+            f"--depth must be 6n + 2 with n >= 1 (8, 14, 20, ...); received "
+            f"--depth={config.depth}."
+        )
+    if config.per_example_norms and config.optimizer != "clars":
+        raise ValueError(
+            "--per_example_norms needs --optimizer=clars (only CLARS takes sample "
+            f"norms); received --optimizer={config.optimizer}."
+        )
+    if (config.validation_examples or config.train_examples) and \
+            config.dataset != "fashion_mnist":
+        raise ValueError(
+            "--validation_examples and --train_examples need --dataset="
+            f"fashion_mnist; received --dataset={config.dataset}."
         )
     # The optimizers check their own hyperparameters (momentum, ...).
     make_optimizer(config, config.base_lr)
@@ -357,10 +402,11 @@ class Checkpointer(keras.callbacks.Callback):
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Adds the learning rate and epoch time to the logs; keeps every epoch.
+    """The recipes' one epoch-history logger.
 
-    Runs before the CSV and TensorBoard loggers, so they see both. With a
-    `path`, rewrites the JSON list of epochs after each one.
+    Adds the learning rate, epoch time and update count to the logs (it runs
+    before the CSV and TensorBoard loggers, so they see them) and keeps every
+    epoch. With a `path`, rewrites the JSON list of epochs after each one.
     """
 
     def __init__(self, path=None, epochs=()):
@@ -381,6 +427,67 @@ class EpochLog(keras.callbacks.Callback):
             _write_json(self.path, self.epochs)
 
 
+class FirstUpdateCoherence(keras.callbacks.Callback):
+    """Reads CLARS/LARS's per-layer coherence ||g_l|| / N_l after update 1.
+
+    One device read, after the k-th micro-step of a run that starts at 0.
+    `result` is None until then, or a dict: `mean` and `min` over the
+    layer-adapted variables (rank >= 2: kernels) and `layers` (path ->
+    coherence). LARS's is 1 by definition.
+    """
+
+    def __init__(self, accumulation_steps):
+        super().__init__()
+        self.k = accumulation_steps
+        self.result = None
+        self._seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._seen += 1
+        if self.result is not None or self._seen != self.k:
+            return
+        optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        ranks = {v.path: len(v.shape) for v in self.model.trainable_variables}
+        layers = {
+            path: stats["coherence"]
+            for path, stats in optimizer.layer_statistics().items()
+            if ranks.get(path, 2) >= 2
+        }
+        finite = [v for v in layers.values() if np.isfinite(v)]
+        self.result = {
+            "mean": float(np.mean(finite)) if finite else None,
+            "min": float(np.min(finite)) if finite else None,
+            "layers": layers,
+        }
+
+
+def environment():
+    """The code and package versions a record was made with."""
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = git("status", "--porcelain", "--", "keras_clars", "recipes")
+    return {
+        "git_commit": git("rev-parse", "HEAD") or None,
+        # Uncommitted changes to the code that ran, if any (paths only).
+        "uncommitted": [line[3:] for line in changed.splitlines()],
+        "versions": {
+            "python": platform.python_version(),
+            "keras_clars": keras_clars.__version__,
+            "keras": keras.__version__,
+            "tensorflow": tf.__version__,
+            "numpy": np.__version__,
+        },
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+
+
 def run(config, strategy=None):
     """Trains as `config` says.
 
@@ -392,8 +499,10 @@ def run(config, strategy=None):
     Returns:
         A dict: `epochs` (one dict of metrics per epoch, including those of
         a run that was resumed), `summary` (the layout b, k, S, the
-        schedule, wall time, the resume point and the final evaluation).
+        schedule, wall time, the resume point and the final evaluation),
+        `record` (what `--record_path` gets) and `model`.
     """
+    began_run = time.time()
     if strategy is None:
         if config.logical_cpus:  # before anything initializes TensorFlow's devices
             strategies.use_logical_cpus(config.logical_cpus)
@@ -408,8 +517,13 @@ def run(config, strategy=None):
     micro, k, samples = batch_layout(config.batch_size, config.micro_batch_size, replicas)
     check_accumulation(config.optimizer, k, replicas)
 
-    train_source = data.load(config.dataset, "train", config.data_dir or None, config.download)
-    eval_source = data.load(config.dataset, "eval", config.data_dir or None, config.download)
+    def load(split):
+        return data.load(config.dataset, split, config.data_dir or None, config.download,
+                         config.validation_examples, config.train_examples)
+
+    train_source = load("train")
+    test_source = load("eval")
+    eval_source = load("validation") if config.validation_examples else test_source
     updates = config.steps_per_epoch or (train_source.num_examples or 0) // config.batch_size
     if updates < 1:
         raise ValueError(
@@ -424,17 +538,27 @@ def run(config, strategy=None):
         peak, total, warmup, config.schedule, power=config.poly_power
     )
     size = image_size(config, train_source)
+    # Per-example norms: every example of the batch is a sample.
+    b, S = (1, config.batch_size) if config.per_example_norms else (micro, samples)
     summary = {
-        "replicas": replicas, "slice_size_b": micro, "accumulation_k": k,
-        "samples_S": samples, "global_batch_B": config.batch_size,
+        "replicas": replicas, "slice_size_b": b, "accumulation_k": k,
+        "samples_S": S, "micro_batch": micro, "global_batch_B": config.batch_size,
+        "per_example_norms": config.per_example_norms,
         "updates_per_epoch": updates, "micro_steps_per_epoch": steps,
         "total_updates": total, "warmup_updates": warmup, "peak_lr": peak,
-        "image_size": size,
+        "image_size": size, "train_examples": train_source.num_examples,
+        "eval_split": "validation" if config.validation_examples else "test",
+        "eval_examples": eval_source.num_examples,
     }
+    samples_text = (
+        f"per-example samples: b=1, S=B={S} gradient samples per update "
+        f"(micro-batches of {micro})" if config.per_example_norms else
+        f"S={S} gradient samples per update"
+    )
     print(
         f"{config.optimizer}: B={config.batch_size} = {replicas} replicas x "
-        f"b={micro} (slice size) x k={k} micro-steps; S={samples} gradient "
-        f"samples per update. {updates} updates/epoch ({steps} micro-steps, "
+        f"b={micro} (slice size) x k={k} micro-steps; {samples_text}. "
+        f"{updates} updates/epoch ({steps} micro-steps, "
         f"what the progress bar counts), {total} updates; peak lr {peak:g}, "
         f"{warmup} warmup updates, {config.schedule} decay.", flush=True,
     )
@@ -444,8 +568,10 @@ def run(config, strategy=None):
             config.model, (size, size, train_source.channels),
             train_source.num_classes, width=config.width,
             bn_momentum=config.bn_momentum, synchronized_bn=config.sync_batchnorm,
-            kerascv_config=config.kerascv_config or None,
+            kerascv_config=config.kerascv_config or None, depth=config.depth,
         )
+        if config.per_example_norms:
+            model = keras_clars.per_example_norms(model)
         model.compile(
             optimizer=make_optimizer(config, schedule, k, model),
             loss=keras.losses.CategoricalCrossentropy(
@@ -486,14 +612,20 @@ def run(config, strategy=None):
     else:
         start, epoch_log = 0, EpochLog()
         callbacks = [epoch_log]
+    coherence = None
     if config.optimizer != "sgd":
         callbacks.append(NonFiniteUpdateMonitor())
+        if not start:
+            coherence = FirstUpdateCoherence(k)
+            callbacks.append(coherence)
         if config.layer_stats_interval:
             out = config.model_dir
+            json_path = config.layer_stats_path or (
+                os.path.join(out, "layer_statistics.json") if out else None)
             callbacks.append(LayerStatisticsLogger(
                 interval=config.layer_stats_interval,
                 log_dir=os.path.join(out, "logs", "layers") if out else None,
-                json_path=os.path.join(out, "layer_statistics.json") if out else None,
+                json_path=json_path,
             ))
     micro_steps, digest = optimizer_digest(model.optimizer)
     summary["resumed_at"] = {
@@ -508,7 +640,8 @@ def run(config, strategy=None):
 
     # A fresh shuffle after a restart: the data order is not replayed.
     train = data.pipeline(config.dataset, train_source, micro * replicas, size,
-                          training=True, seed=config.seed * 1_000_003 + start)
+                          training=True, seed=config.seed * 1_000_003 + start,
+                          augment=config.augment)
     evaluation = data.pipeline(config.dataset, eval_source, micro * replicas, size,
                                training=False)
     epoch, step = divmod(start, steps)
@@ -531,9 +664,49 @@ def run(config, strategy=None):
     summary["train_seconds"] = time.time() - began
     summary["final_updates"] = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     summary["final"] = epoch_log.epochs[-1] if epoch_log.epochs else {}
+    if config.optimizer != "sgd":
+        inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        summary["non_finite_updates"] = int(
+            keras.ops.convert_to_numpy(inner.non_finite_updates))
+    if config.validation_examples:
+        # The test split, once, at the end: reported, never used to choose.
+        test = data.pipeline(config.dataset, test_source, micro * replicas, size,
+                             training=False)
+        test_loss, test_accuracy = model.evaluate(
+            test, steps=config.eval_steps or None, verbose=0)
+        summary["test_accuracy"], summary["test_loss"] = test_accuracy, test_loss
+    elif summary["final"]:
+        summary["test_accuracy"] = summary["final"].get("val_accuracy")
+        summary["test_loss"] = summary["final"].get("val_loss")
+    if coherence is not None and coherence.result is not None:
+        summary["first_update_coherence"] = coherence.result
     if config.model_dir:
         _write_json(os.path.join(config.model_dir, "summary.json"), summary)
-    return {"epochs": epoch_log.epochs, "summary": summary, "model": model}
+    record = make_record(config, summary, epoch_log.epochs, time.time() - began_run)
+    if config.record_path:
+        _write_json(config.record_path, record)
+    return {"epochs": epoch_log.epochs, "summary": summary, "record": record,
+            "model": model}
+
+
+def make_record(config, summary, epochs, wall_seconds):
+    """A run's JSON record: what it was, what it gave, what it ran on."""
+    validation = [e.get("val_accuracy") for e in epochs] if summary[
+        "eval_split"] == "validation" else []
+    finite = [v for v in validation if v is not None and np.isfinite(v)]
+    return {
+        "format": RECORD_FORMAT,
+        "config": dataclasses.asdict(config),
+        **environment(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": wall_seconds,
+        "summary": {k: v for k, v in summary.items() if k != "final"},
+        "epochs": epochs,
+        "final_validation_accuracy": validation[-1] if validation else None,
+        "best_validation_accuracy": max(finite) if finite else None,
+        "test_accuracy": summary.get("test_accuracy"),
+        "first_update_coherence": (summary.get("first_update_coherence") or {}).get("mean"),
+    }
 
 
 def main(argv):
@@ -542,7 +715,7 @@ def main(argv):
     try:
         run(config_from_flags())
     except (ValueError, FileNotFoundError, ImportError) as error:
-        sys.exit(f"train.py: error: {error}")
+        sys.exit(f"recipes.train: error: {error}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ checked against `optimizer.layer_statistics()` read after every update.
 The JAX backend runs in a subprocess (the backend is fixed at import).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -153,13 +152,10 @@ def test_tensorboard_events_hold_the_expected_tags_and_values(run):
 
 
 def test_plot_script_draws_a_png(run, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "plot_layer_statistics", os.path.join(ROOT, "benchmarks", "plot_layer_statistics.py")
-    )
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    from recipes import report as plot
+
     png = tmp_path / "img" / "layers.png"
-    assert plot.main([str(run["out"] / "stats.json"), "-o", str(png)]) == str(png)
+    assert plot.main(["layers", str(run["out"] / "stats.json"), "-o", str(png)]) == str(png)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

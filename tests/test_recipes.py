@@ -1,6 +1,7 @@
-"""recipes/train.py, its input pipelines and the main job recipes/compare.py."""
+"""recipes.train, its input pipelines and the main job recipes.compare."""
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -19,7 +20,8 @@ from recipes import fashion_mnist as datasets
 from recipes import compare, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "recipes", "train.py")
+# The trainer as a module; the conftest puts ROOT on the subprocesses' path.
+TRAIN = ["-m", "recipes.train"]
 HAVE_FASHION = os.path.exists(
     os.path.join(datasets.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")
 )
@@ -30,7 +32,7 @@ TINY = ["--width=2", "--eval_steps=1", "--verbose=0"]
 
 def _train(args, timeout=300, **kwargs):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True,
+    return subprocess.run([sys.executable, *TRAIN, *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, **kwargs)
 
 
@@ -66,6 +68,26 @@ def test_pad_crop_flip_moves_pixels_without_losing_them():
     rows, cols = np.nonzero(out[..., 0].max(axis=0))
     assert len(set(rows)) > 1 and len(set(cols)) > 1  # crops differ by image
     assert set(rows) <= set(range(12 - 4, 12 + 5))  # shifted by at most 4
+
+
+def test_validation_split_is_fixed_disjoint_and_seed_independent():
+    train_idx, held = data.validation_indices(60000, 10848)
+    assert len(train_idx) == 49152 and len(held) == 10848
+    assert len(np.union1d(train_idx, held)) == 60000  # a partition
+    again, held_again = data.validation_indices(60000, 10848)
+    np.testing.assert_array_equal(held, held_again)  # no run seed involved
+    keras.utils.set_random_seed(7)
+    np.testing.assert_array_equal(data.validation_indices(60000, 10848)[1], held)
+    with pytest.raises(ValueError, match="--validation_examples must be in"):
+        data.validation_indices(100, 100)
+
+
+def test_small_images_are_average_pooled():
+    images = tf.reshape(tf.range(16, dtype=tf.float32), (1, 4, 4, 1))
+    pooled = data.resize_or_pool(images, 2, 4).numpy()[0, ..., 0]
+    np.testing.assert_allclose(pooled, [[2.5, 4.5], [10.5, 12.5]])
+    assert data.resize_or_pool(images, 4, 4) is images
+    assert data.resize_or_pool(images, 6, 4).shape == (1, 6, 6, 1)  # resized
 
 
 def test_imagenet_crops_have_the_model_size():
@@ -143,6 +165,11 @@ def test_named_configs_parse_and_validate(path):
     (dict(momentum=1.5), "momentum"),
     (dict(warmup_epochs=3, epochs=2), "--warmup_epochs must be < --epochs=2"),
     (dict(batch_size=1000, micro_batch_size=300), "--batch_size=1000 is not divisible"),
+    (dict(optimizer="lars", per_example_norms=True),
+     "--per_example_norms needs --optimizer=clars"),
+    (dict(dataset="cifar10", validation_examples=100),
+     "--validation_examples and --train_examples need --dataset=fashion_mnist"),
+    (dict(depth=9), "--depth must be 6n \\+ 2 .* received --depth=9"),
 ])
 def test_bad_flags_fail_fast(change, message):
     with pytest.raises(ValueError, match=message):
@@ -157,7 +184,7 @@ def test_missing_tfds_dataset_fails_with_instructions(tmp_path):
 def test_command_line_reports_bad_flags():
     result = _train(["--model=vgg16"], timeout=120)
     assert result.returncode != 0
-    assert "train.py: error: Unknown model 'vgg16'" in result.stderr
+    assert "recipes.train: error: Unknown model 'vgg16'" in result.stderr
 
 
 # --------------------------------------------------------------- end to end
@@ -208,7 +235,7 @@ def test_killed_run_resumes_at_the_same_step_and_state(tmp_path):
             "--epochs=2", "--checkpoint_steps=2", f"--model_dir={tmp_path}"]
     steps = 24
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, *TRAIN, *args], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saves = str(tmp_path / "checkpoints" / "step-*.json")
     deadline = time.time() + 300
@@ -245,24 +272,84 @@ def test_killed_run_resumes_at_the_same_step_and_state(tmp_path):
     assert [e["epoch"] for e in _read(tmp_path / "metrics.json")] == [0, 1]
 
 
+@needs_fashion
+def test_validation_run_with_per_example_norms_writes_its_record(tmp_path, capsys):
+    path = tmp_path / "record.json"
+    config = train.Config(
+        depth=8, width=2, image_size=14, augment=False, validation_examples=300,
+        train_examples=256, batch_size=128, micro_batch_size=64, epochs=2,
+        per_example_norms=True, trust_coefficient=0.01, eval_steps=2, verbose=0,
+        record_path=str(path),
+    )
+    result = train.run(config)
+    assert "per-example samples: b=1, S=B=128" in capsys.readouterr().out
+    record = _read(path)
+    assert record == json.loads(json.dumps(result["record"]))
+    summary = record["summary"]
+    assert (summary["slice_size_b"], summary["samples_S"], summary["accumulation_k"]) == (1, 128, 2)
+    assert summary["train_examples"] == 256 and summary["eval_examples"] == 300
+    assert summary["eval_split"] == "validation" and summary["image_size"] == 14
+    assert summary["final_updates"] == 4
+    assert record["config"]["per_example_norms"] is True
+    assert record["versions"]["keras"] == keras.__version__
+    assert record["git_commit"] is None or len(record["git_commit"]) == 40
+    assert [e["epoch"] for e in record["epochs"]] == [0, 1]
+    assert record["final_validation_accuracy"] == record["epochs"][-1]["val_accuracy"]
+    assert 0 <= record["test_accuracy"] <= 1 and record["wall_seconds"] > 0
+    # Per-example samples disagree more than micro-batches: coherence < 1.
+    assert 0 < record["first_update_coherence"] < 1
+    assert set(summary["first_update_coherence"]["layers"]) == {
+        v.path for v in result["model"].trainable_variables if len(v.shape) >= 2}
+
+
 @pytest.mark.slow
 @needs_fashion
 def test_compare_writes_table_plot_and_json(tmp_path):
-    # One method keeps it short; the main job runs all three the same way.
+    # Two methods and a tiny setting keep it short; the main job runs four.
     results = compare.compare(
-        ["clars"], compare.FLAGS["config_prefix"].default,
-        ["width=2", "batch_size=512", "steps_per_epoch=1", "epochs=2",
-         "eval_steps=1", "verbose=0"],
-        str(tmp_path),
+        ["clars", "lars_nowarmup"], chosen_path=str(tmp_path / "none.json"),
+        overrides=["width=2", "batch_size=512", "steps_per_epoch=1", "epochs=2",
+                   "eval_steps=1", "warmup_epochs=0"],
+        output_dir=str(tmp_path),
     )
-    (result,) = results
-    assert result["method"] == "clars" and len(result["epochs"]) == 2
-    assert result["summary"]["samples_S"] == 2  # 512 / b=256
-    assert result["summary"]["final_updates"] == 2
+    assert [r["method"] for r in results] == ["clars", "lars_nowarmup"]
+    for r in results:
+        record = r["record"]
+        assert len(record["epochs"]) == 2
+        assert record["summary"]["samples_S"] == 2  # 512 / b=256
+        assert record["summary"]["final_updates"] == 2
+        assert record["summary"]["eval_split"] == "validation"
+        assert r["lr_source"].startswith("provisional")
+        assert record["config"]["base_lr"] == compare.PROVISIONAL[r["curve"]][0]
     text = compare.table(results)
     assert text.splitlines()[2].startswith("clars")
+    assert "provisional" in text
     assert (tmp_path / "compare.png").stat().st_size > 10_000
-    assert [r["method"] for r in _read(tmp_path / "results.json")] == ["clars"]
+    assert [r["method"] for r in _read(tmp_path / "results.json")] == ["clars", "lars_nowarmup"]
+
+
+def test_compare_reads_the_study_choice(tmp_path):
+    path = tmp_path / "chosen.json"
+    curve = compare.METHODS["lars"]
+    path.write_text(json.dumps({curve: {"peak_lr": 2.0, "state": "tuned"}}))
+    lr, source = compare.learning_rate(curve, str(path))
+    assert lr == 2.0 and "chosen on validation" in source
+    path.write_text(json.dumps({curve: {"peak_lr": 2.0, "state": "incomplete"}}))
+    assert compare.learning_rate(curve, str(path)) == compare.PROVISIONAL[curve]
+    with pytest.raises(ValueError, match="Unknown methods"):
+        compare.compare(["adam"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(
+    os.path.join(ROOT, "recipes", "configs", "fashion_mnist_*.cfg"))))
+def test_fashion_configs_are_the_study_setting(path):
+    from recipes import study
+
+    config = train.config_from_args([f"--flagfile={path}"])
+    method = os.path.basename(path)[:-4].rsplit("_", 1)[1]
+    curve = study.Plan().curve(compare.METHODS[method])
+    expected = study.Plan().config(curve, config.base_lr, config.seed)
+    assert config == dataclasses.replace(expected, verbose=config.verbose)
 
 
 @pytest.mark.slow
@@ -271,7 +358,7 @@ def test_two_workers_train_with_multi_worker_strategy():
     import distributed_worker as worker
 
     hosts = [f"127.0.0.1:{port}" for port in worker.free_ports(2)]
-    command = [sys.executable, TRAIN, "--strategy=multi_worker", "--width=2",
+    command = [sys.executable, *TRAIN, "--strategy=multi_worker", "--width=2",
                "--batch_size=256", "--micro_batch_size=64", "--steps_per_epoch=2",
                "--epochs=1", "--eval_steps=1", "--verbose=2"]
     envs = [

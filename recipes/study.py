@@ -1,0 +1,424 @@
+"""The warmup-necessity study (issue 12): does CLARS without warmup reach the
+accuracy, and the stable range of learning rates, of LARS with warmup?
+
+    .venv/bin/python -m recipes.study status            # the plan and what is done
+    .venv/bin/python -m recipes.study tune --max_runs 10
+    .venv/bin/python -m recipes.study final
+    .venv/bin/python -m recipes.study ablation
+    .venv/bin/python -m recipes.study report            # tables and figures, no training
+    .venv/bin/python -m recipes.study                   # all of it, in that order
+
+Every run is one `recipes.train.run(Config)`; its record (config, commit,
+package versions, wall time, per-epoch metrics, final validation and test
+accuracy) goes to `docs/results/runs/<key>.json`, written atomically. A rerun
+skips the runs whose record is there, so the study can be stopped at any
+point and resumed, in slices (`--max_runs`) across sessions. The protocol
+(below, and in docs/results.md) is fixed in this file.
+
+Protocol:
+- Fashion-MNIST, 2x2 average-pooled to 14x14, no augmentation; 49,152
+  training examples, 10,848 held out for validation (a fixed permutation),
+  the 10k test split evaluated once at the end of each run, never used to
+  choose. ResNet-8 (width 8, 20k weights), BatchNorm momentum 0.9.
+- B = 4096 (12 updates an epoch) and B = 8192 (6), 12 epochs, micro-batches
+  of b = 256 accumulated for every method on one device (so BatchNorm
+  normalizes over 256 examples in every run), momentum 0.9, no weight decay,
+  poly decay (power 2) to 0, counted in updates.
+- Warmup: 2 of the 12 epochs, linear, when a curve has it.
+- LARS and CLARS at one trust coefficient, eta = 0.01; biases and BatchNorm
+  parameters are not layer-adapted and take the plain learning rate (as in
+  MLPerf's LARS), so the tuned peak lr sets both.
+- Tuning: seed 0; each curve's peak lr on a ladder of factors of 2, 7
+  points in a window; the choice is the best last-epoch validation
+  accuracy in the window. If the best is at an edge of the window, the
+  window slides one step that way (a new point is run; the point at the
+  other edge stays on record but leaves the window), at most 3 times, so
+  every curve chooses among exactly 7 points.
+- Finals: the chosen lr, seeds 1, 2 and 3 (none used for tuning).
+- Ablation: CLARS without warmup at B = 4096 with slices of b = 1 (exact
+  per-example norms), 64, 256 and 1024, each with its own tuned lr.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from recipes import report  # noqa: E402
+
+PHASES = ("status", "tune", "final", "ablation", "report", "all")
+ETA = 0.01
+WARMUP_EPOCHS = 2
+# Fixed by the protocol; a run's method, B, b, warmup, lr and seed vary.
+PROTOCOL = dict(
+    dataset="fashion_mnist", image_size=14, augment=False,
+    validation_examples=10848, model="resnet20", depth=8, width=8,
+    epochs=12, momentum=0.9, bn_momentum=0.9, weight_decay=0.0,
+    schedule="poly", poly_power=2.0, lr_scaling="none", label_smoothing=0.0,
+    trust_coefficient=ETA, verbose=0,
+)
+# Tiny and fast: the test's end-to-end run, on a few hundred examples.
+QUICK = dict(PROTOCOL, width=2, epochs=2, validation_examples=256,
+             train_examples=512, eval_steps=4)
+# Config fields a record may differ in and still be the same run.
+IGNORED = ("verbose", "record_path", "layer_stats_path", "data_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """One curve of the figure: a method at B, b, with or without warmup.
+
+    `slice_size` 1 means exact per-example norms (micro-batches stay
+    `micro_batch`). The learning-rate ladder is `base * 2**i`; the first
+    window is i = start .. start + points - 1.
+    """
+
+    method: str
+    batch_size: int
+    warmup: bool
+    slice_size: int
+    micro_batch: int
+    base: float
+    start: int = 0
+    ablation: bool = False
+
+    @property
+    def name(self):
+        return (f"B{self.batch_size}_{self.method}_"
+                f"{'warmup' if self.warmup else 'nowarmup'}_b{self.slice_size}")
+
+    @property
+    def samples(self):
+        return self.batch_size // self.slice_size
+
+    @property
+    def slice_label(self):
+        return "1 (per-example)" if self.slice_size == 1 else str(self.slice_size)
+
+    @property
+    def layout(self):
+        return f"{self.slice_label}, S={self.samples}"
+
+    @property
+    def legend(self):
+        warm = "warmup" if self.warmup else "no warmup"
+        return f"{self.method.upper()}, {warm}, b={self.slice_size}"
+
+
+class Plan:
+    """The study's curves, grid and seeds (the full protocol, or --quick)."""
+
+    def __init__(self, quick=False):
+        self.quick = quick
+        self.protocol = QUICK if quick else PROTOCOL
+        self.epochs = self.protocol["epochs"]
+        self.tune_seed = 0
+        self.final_seeds = (1,) if quick else (1, 2, 3)
+        self.grid_points = 2 if quick else 7
+        self.max_slides = 0 if quick else 3
+        self.warmup_epochs = 1 if quick else WARMUP_EPOCHS
+        self.micro_batch = 64 if quick else 256
+        sgd, layerwise = 0.1, 0.25  # ladder bases: SGD 0.1-6.4, LARS/CLARS 0.25-16
+        mb = self.micro_batch
+        if quick:
+            big = 256
+            self.curves = [
+                Curve("sgd", big, True, mb, mb, sgd),
+                Curve("clars", big, False, mb, mb, layerwise),
+                Curve("clars", big, False, 2 * mb, 2 * mb, layerwise, ablation=True),
+            ]
+            self.figure_panels = [("quick", [c.name for c in self.curves])]
+            self.layer_statistics = [self.curves[1].name]
+        else:
+            big, bigger = 4096, 8192
+            self.curves = [
+                Curve("sgd", big, True, mb, mb, sgd),
+                Curve("sgd", big, False, mb, mb, sgd),
+                Curve("lars", big, True, mb, mb, layerwise),
+                Curve("lars", big, False, mb, mb, layerwise),
+                Curve("clars", big, False, mb, mb, layerwise),
+                Curve("clars", big, False, 1, mb, layerwise),
+                Curve("lars", bigger, True, mb, mb, layerwise),
+                Curve("lars", bigger, False, mb, mb, layerwise),
+                Curve("clars", bigger, False, mb, mb, layerwise),
+                Curve("clars", big, False, 64, 64, layerwise, ablation=True),
+                Curve("clars", big, False, 1024, 1024, layerwise, ablation=True),
+            ]
+            n = {c.name: c for c in self.curves}
+            self.figure_panels = [
+                (f"B={big}: SGD", [c.name for c in self.curves
+                                   if c.method == "sgd"]),
+                (f"B={big}: LARS and CLARS (eta {ETA:g})",
+                 [c.name for c in self.curves if c.method != "sgd"
+                  and c.batch_size == big and not c.ablation]),
+                (f"B={bigger}: LARS and CLARS (eta {ETA:g})",
+                 [c.name for c in self.curves if c.batch_size == bigger]),
+                (f"B={big}: CLARS slice size b (no warmup)",
+                 [c.name for c in self.curves if c.method == "clars"
+                  and c.batch_size == big]),
+            ]
+            self.layer_statistics = [name for name in n if name in (
+                f"B{big}_lars_warmup_b{mb}", f"B{big}_clars_nowarmup_b{mb}",
+                f"B{big}_clars_nowarmup_b1")]
+        self.ablation_batch = big
+        self.claim_curves = {
+            "clars": f"B{big}_clars_nowarmup_b{mb}",
+            "clars_per_example": f"B{big}_clars_nowarmup_b1",
+            "lars_warmup": f"B{big}_lars_warmup_b{mb}",
+            "sgd_warmup": f"B{big}_sgd_warmup_b{mb}",
+        }
+        p = self.protocol
+        self.description = (
+            f"Fashion-MNIST {p['image_size']}x{p['image_size']}, ResNet-{p['depth']} "
+            f"width {p['width']}, {p['epochs']} epochs, warmup {self.warmup_epochs} "
+            f"epochs, eta {ETA:g}, seed {self.tune_seed}"
+        )
+
+    def curve(self, name):
+        for curve in self.curves:
+            if curve.name == name:
+                return curve
+        raise ValueError(f"Unknown curve {name!r}; expected one of "
+                         f"{', '.join(c.name for c in self.curves)}.")
+
+    def lr(self, curve, index):
+        return curve.base * 2.0**index
+
+    def tuning_state(self, curve, accuracies):
+        """(window lrs, state, chosen lr or None) from {lr: accuracy} so far.
+
+        The window slides toward an edge that holds the best point, one
+        step at a time, at most `max_slides` times (see the module doc).
+        """
+        lo, slides = curve.start, 0
+        while True:
+            window = [self.lr(curve, i) for i in range(lo, lo + self.grid_points)]
+            if not all(lr in accuracies for lr in window):
+                state = "incomplete" if any(lr in accuracies for lr in window) else \
+                    report.NOT_RUN
+                return window, state, None
+            values = [accuracies[lr] for lr in window]
+            best = int(max(range(len(values)), key=lambda i: (values[i], -i)))
+            if slides < self.max_slides and self.grid_points > 2:
+                if best == 0:
+                    lo, slides = lo - 1, slides + 1
+                    continue
+                if best == len(window) - 1:
+                    lo, slides = lo + 1, slides + 1
+                    continue
+            return window, "tuned", window[best]
+
+    def config(self, curve, lr, seed, out=None, layer_statistics=False):
+        from recipes import train
+
+        fields = dict(self.protocol)
+        fields.update(
+            optimizer=curve.method, batch_size=curve.batch_size,
+            micro_batch_size=curve.micro_batch,
+            per_example_norms=curve.slice_size == 1,
+            warmup_epochs=self.warmup_epochs if curve.warmup else 0.0,
+            base_lr=lr, seed=seed,
+        )
+        if layer_statistics:
+            fields.update(layer_stats_interval=1, layer_stats_path=os.path.join(
+                out, "layer_statistics", f"{key(curve, lr, seed)}.json"))
+        return train.Config(**fields)
+
+
+def key(curve, lr, seed):
+    return f"{curve.name}_lr{lr:g}_s{seed}"
+
+
+class Study:
+    """Runs what is missing, in order, up to `max_runs` new runs."""
+
+    def __init__(self, plan, out, max_runs=None, curves=None):
+        self.plan = plan
+        self.out = out
+        self.runs_dir = os.path.join(out, "runs")
+        self.left = math.inf if max_runs is None else max_runs
+        self.only = set(curves or ())
+        self.done_now = 0
+
+    def selected(self, ablation):
+        return [c for c in self.plan.curves if c.ablation == ablation
+                and (not self.only or c.name in self.only)]
+
+    def config(self, curve, lr, seed):
+        # The first final seed of some curves logs per-layer statistics.
+        return self.plan.config(curve, lr, seed, self.out, layer_statistics=(
+            seed == self.plan.final_seeds[0] and curve.name in self.plan.layer_statistics))
+
+    def record(self, curve, lr, seed):
+        """The run's record, or None; raises if it was made differently."""
+        path = os.path.join(self.runs_dir, key(curve, lr, seed) + ".json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            done = json.load(f)
+        expected = {k: v for k, v in dataclasses.asdict(self.config(curve, lr, seed)).items()
+                    if k not in IGNORED}
+        stored = {k: v for k, v in done["config"].items() if k not in IGNORED}
+        if stored != expected:
+            changed = sorted(k for k in set(stored) | set(expected)
+                             if stored.get(k) != expected.get(k))
+            raise ValueError(
+                f"{path} was made with a different configuration "
+                f"({', '.join(changed)}); delete it to rerun it.")
+        return done
+
+    def accuracies(self, curve):
+        out = {}
+        # Every point a window can reach.
+        for i in range(curve.start - self.plan.max_slides,
+                       curve.start + self.plan.grid_points + self.plan.max_slides):
+            lr = self.plan.lr(curve, i)
+            record = self.record(curve, lr, self.plan.tune_seed)
+            if record is not None:
+                out[lr] = report.final_accuracy(record)
+        return out
+
+    def execute(self, curve, lr, seed, phase):
+        """Runs one configuration unless its record exists; returns the record."""
+        from recipes import train
+
+        config = self.config(curve, lr, seed)
+        done = self.record(curve, lr, seed)
+        if done is not None:
+            return done
+        if self.left <= 0:
+            return None
+        import keras
+
+        keras.backend.clear_session()
+        began = time.time()
+        result = train.run(config)
+        record = dict(result["record"], study={
+            "curve": curve.name, "phase": phase, "lr": lr, "seed": seed,
+            "key": key(curve, lr, seed),
+        })
+        from keras_clars.callbacks import _write_json_atomically
+
+        _write_json_atomically(os.path.join(self.runs_dir, key(curve, lr, seed) + ".json"),
+                               record, indent=1)
+        self.left -= 1
+        self.done_now += 1
+        test = record.get("test_accuracy")
+        print(f"[{time.strftime('%H:%M:%S')}] {key(curve, lr, seed)}: validation "
+              f"{report.final_accuracy(record):.4f}, test "
+              f"{'-' if test is None else f'{test:.4f}'} ({time.time() - began:.0f} s)",
+              flush=True)
+        return record
+
+    def tune(self, curve):
+        """Runs the window's missing points, sliding as needed; the chosen lr."""
+        while True:
+            window, state, chosen = self.plan.tuning_state(curve, self.accuracies(curve))
+            if state == "tuned":
+                return chosen
+            missing = [lr for lr in window if lr not in self.accuracies(curve)]
+            for lr in missing:
+                if self.execute(curve, lr, self.plan.tune_seed, "tune") is None:
+                    return None  # out of runs
+
+    def finals(self, curve, phase):
+        chosen = self.tune(curve) if phase == "ablation" else \
+            self.plan.tuning_state(curve, self.accuracies(curve))[2]
+        if chosen is None:
+            print(f"{curve.name}: not tuned yet; its finals wait.", flush=True)
+            return
+        for seed in self.plan.final_seeds:
+            if self.execute(curve, chosen, seed, phase) is None:
+                return
+
+    def run(self, phases):
+        for phase in phases:
+            if phase == "tune":
+                for curve in self.selected(ablation=False):
+                    self.tune(curve)
+            elif phase == "final":
+                for curve in self.selected(ablation=False):
+                    self.finals(curve, "final")
+            elif phase == "ablation":
+                for curve in self.selected(ablation=True):
+                    self.finals(curve, "ablation")
+
+    def status(self):
+        lines = []
+        total = 0.0
+        for curve in self.plan.curves:
+            accuracies = self.accuracies(curve)
+            window, state, chosen = self.plan.tuning_state(curve, accuracies)
+            finals = [s for s in self.plan.final_seeds
+                      if chosen is not None and self.record(curve, chosen, s)]
+            lines.append(
+                f"{curve.name:<28} {state:<12} window {window[0]:g}..{window[-1]:g} "
+                f"({sum(lr in accuracies for lr in window)}/{len(window)} run), chosen "
+                f"{'-' if chosen is None else f'{chosen:g}'}, finals "
+                f"{len(finals)}/{len(self.plan.final_seeds)}")
+        records = report.load_records(self.runs_dir)
+        total = sum(r.get("wall_seconds") or 0 for r in records)
+        lines.append(f"{len(records)} runs on record, {total / 3600:.2f} h of run time.")
+        return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m recipes.study",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("phases", nargs="*", metavar="phase",
+                        help=f"one of {', '.join(PHASES)} (default: all = tune, "
+                        "final, ablation, report)")
+    parser.add_argument("--max_runs", type=int, default=None,
+                        help="stop after this many new runs (resume later)")
+    parser.add_argument("--curves", default="",
+                        help="only these curves (comma-separated names; see status)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default docs/results; --quick: "
+                        "runs/study_quick)")
+    parser.add_argument("--img", default=None,
+                        help="figures folder (default docs/img; --quick: <out>/img)")
+    parser.add_argument("--results_md", default=None,
+                        help="the markdown file whose report blocks are regenerated "
+                        "(default docs/results.md; --quick: none)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny end-to-end run (the test): 3 curves, 2 points, "
+                        "2 epochs on 512 examples, B=256")
+    args = parser.parse_args(argv)
+    for phase in args.phases:
+        if phase not in PHASES:
+            parser.error(f"unknown phase {phase!r}; expected some of {', '.join(PHASES)}.")
+    if args.max_runs is not None and args.max_runs < 0:
+        parser.error(f"--max_runs must be >= 0; received {args.max_runs}.")
+    plan = Plan(quick=args.quick)
+    out = args.out or ("runs/study_quick" if args.quick else "docs/results")
+    img = args.img or (os.path.join(out, "img") if args.quick else "docs/img")
+    results_md = args.results_md if args.results_md is not None else (
+        "" if args.quick else "docs/results.md")
+    curves = [c for c in args.curves.split(",") if c]
+    for name in curves:
+        plan.curve(name)  # raises for an unknown name
+    phases = args.phases or ["all"]
+    if "all" in phases:
+        phases = ["tune", "final", "ablation", "report"]
+    study = Study(plan, out, args.max_runs, curves)
+    began = time.time()
+    study.run([p for p in phases if p in ("tune", "final", "ablation")])
+    if "report" in phases:
+        for path in report.write_report(plan, out, img, results_md or None):
+            print(f"wrote {path}")
+    if "status" in phases or study.done_now:
+        print(study.status())
+    print(f"{study.done_now} new runs in {time.time() - began:.0f} s.", flush=True)
+    return study
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"recipes.study: error: {error}")

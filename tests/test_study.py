@@ -1,0 +1,143 @@
+"""The warmup-necessity study (recipes.study) and its report (recipes.report)."""
+
+import json
+import os
+
+import pytest
+
+from recipes import report, study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "results")
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------- the plan
+
+
+def test_every_curve_chooses_among_the_same_number_of_points():
+    plan = study.Plan()
+    curve = plan.curve("B4096_lars_warmup_b256")
+    ladder = [0.25 * 2**i for i in range(-5, 12)]
+
+    def state(peak):  # accuracy falls off on both sides of `peak`
+        return plan.tuning_state(curve, {lr: 1 - abs(ladder.index(lr) - ladder.index(peak)) / 20
+                                         for lr in ladder})
+
+    window, status, chosen = state(2.0)  # interior: the first window stands
+    assert window == [0.25, 0.5, 1, 2, 4, 8, 16] and status == "tuned" and chosen == 2.0
+    window, status, chosen = state(32.0)  # past the top: slides until interior
+    assert window == [1, 2, 4, 8, 16, 32, 64] and chosen == 32.0
+    window, status, chosen = state(0.125 / 4)  # far below: at most 3 slides
+    assert window == [0.25 / 8 * 2**i for i in range(7)] and chosen == 0.25 / 8
+    assert len(window) == plan.grid_points == 7
+    # A missing point of the window: not tuned, nothing chosen.
+    window, status, chosen = plan.tuning_state(curve, {0.25: 0.5, 0.5: 0.6})
+    assert status == "incomplete" and chosen is None
+    assert plan.tuning_state(curve, {})[1] == report.NOT_RUN
+
+
+def test_the_protocol_is_the_same_for_every_method():
+    plan = study.Plan()
+    configs = {c.name: plan.config(c, 1.0, 1) for c in plan.curves}
+    for name, config in configs.items():
+        curve = plan.curve(name)
+        assert (config.image_size, config.depth, config.width, config.epochs) == (14, 8, 8, 12)
+        assert config.validation_examples == 10848 and not config.augment
+        assert config.trust_coefficient == study.ETA and config.weight_decay == 0
+        assert config.warmup_epochs == (2 if curve.warmup else 0)
+        assert config.per_example_norms == (curve.slice_size == 1)
+        # BatchNorm over 256 examples for every method but the b ablation.
+        assert config.micro_batch_size == (256 if curve.slice_size in (1, 256)
+                                           else curve.slice_size)
+    methods = {(c.method, c.batch_size, c.warmup, c.slice_size) for c in plan.curves}
+    assert {("sgd", 4096, True, 256), ("sgd", 4096, False, 256), ("lars", 4096, True, 256),
+            ("lars", 4096, False, 256), ("clars", 4096, False, 256),
+            ("clars", 4096, False, 1), ("lars", 8192, True, 256),
+            ("lars", 8192, False, 256), ("clars", 8192, False, 256),
+            ("clars", 4096, False, 64), ("clars", 4096, False, 1024)} == methods
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["train_everything"])
+    assert "unknown phase 'train_everything'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown curve 'B1_adam'"):
+        study.main(["status", "--curves", "B1_adam"])
+
+
+# ------------------------------------------------- the committed report
+
+
+def test_committed_tables_equal_the_regenerated_ones():
+    plan = study.Plan()
+    records = report.load_records(os.path.join(RESULTS, "runs"))
+    regenerated = report.tables(plan, records)
+    for name, text in regenerated.items():
+        path = os.path.join(RESULTS, name if name.endswith(".json") else f"{name}.md")
+        with open(path) as f:
+            assert f.read() == text, f"{path} is stale: run python -m recipes.study report"
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        results_md = f.read()
+    blocks = report.blocks(plan, records)
+    assert report.replace_blocks(results_md, blocks) == results_md
+    for name in blocks:  # every table and the figures are in results.md
+        assert f"<!-- report:{name} -->" in results_md
+
+
+# ------------------------------------------------------------ end to end
+
+
+@pytest.mark.skipif(not os.path.exists(FASHION), reason="dataset-fashion-mnist missing")
+def test_quick_study_runs_resumes_and_reports(tmp_path):
+    out = str(tmp_path)
+    first = study.main(["--quick", "--out", out, "--max_runs", "3"])
+    assert first.done_now == 3  # a slice: stopped after 3 runs
+    done = study.main(["--quick", "--out", out])
+    # 2 main curves x 2 points + 2 finals; ablation: 2 points + 1 final.
+    assert first.done_now + done.done_now == 9
+    names = sorted(os.listdir(os.path.join(out, "runs")))
+    assert len(names) == 9
+    records = report.load_records(os.path.join(out, "runs"))
+    for record in records:
+        s = record["study"]
+        assert s["key"] + ".json" in names
+        assert len(record["epochs"]) == 2 and record["summary"]["eval_split"] == "validation"
+        assert 0 <= record["test_accuracy"] <= 1
+        assert record["summary"]["warmup_updates"] == (2 if "_warmup_" in s["key"] else 0)
+        assert s["seed"] in (0, 1) and (s["phase"] == "tune") == (s["seed"] == 0)
+    # A rerun trains nothing.
+    assert study.main(["--quick", "--out", out, "tune", "final", "ablation"]).done_now == 0
+
+    chosen = _read(os.path.join(out, "chosen.json"))
+    plan = study.Plan(quick=True)
+    assert set(chosen) == {c.name for c in plan.curves}
+    for name, entry in chosen.items():
+        tuning = {r["study"]["lr"]: report.final_accuracy(r) for r in records
+                  if r["study"]["curve"] == name and r["study"]["seed"] == 0}
+        assert entry["peak_lr"] == max(tuning, key=lambda lr: (tuning[lr], -lr))
+    finals = open(os.path.join(out, "finals.md")).read()
+    for name in chosen:
+        assert f"| {name} |" in finals
+    for png in ("warmup_necessity.png", "final_epochs.png"):
+        with open(os.path.join(out, "img", png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The CLARS final logged its per-layer statistics, drawn as heatmaps.
+    (stats,) = os.listdir(os.path.join(out, "layer_statistics"))
+    assert os.path.exists(os.path.join(out, "img", "layers_" + stats[:-5] + ".png"))
+
+    # A record made under another protocol is refused, not reused.
+    path = os.path.join(out, "runs", names[0])
+    record = _read(path)
+    record["config"]["epochs"] = 3
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(ValueError, match="different configuration \\(epochs\\)"):
+        study.main(["--quick", "--out", out, "status"])
+    with pytest.raises(ValueError, match="different configuration \\(epochs\\)"):
+        study.main(["--quick", "--out", out, "tune", "ablation"])
