@@ -298,6 +298,36 @@ def _patches(layer, a):
     )
 
 
+def _shifts(layer, a, out_h, out_w):
+    """The kh*kw shifted (strided, dilated) views of `a`, each [b, Ho, Wo, Cin].
+
+    Row t of view p is the input under kernel tap p at output position t:
+    the patches of `a` without building them (im2col would copy the input
+    kh*kw times at once; here one view at a time, with TensorFlow's 'same'
+    padding). Needs static spatial shapes.
+    """
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    if layer.padding == "same":
+        pads = []
+        for size, out, k, s, d in ((a.shape[1], out_h, kh, sh, dh),
+                                   (a.shape[2], out_w, kw, sw, dw)):
+            total = max((out - 1) * s + (k - 1) * d + 1 - int(size), 0)
+            pads.append([total // 2, total - total // 2])
+        if any(p for pair in pads for p in pair):
+            a = tf.pad(a, [[0, 0]] + pads + [[0, 0]])
+    for i in range(kh):
+        for j in range(kw):
+            yield a[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh,
+                    j * dw:j * dw + (out_w - 1) * sw + 1:sw, :]
+
+
+def _static_spatial(a, d):
+    dims = (a.shape[1], a.shape[2], d.shape[1], d.shape[2])
+    return all(x is not None for x in dims)
+
+
 def layer_plan(layer, a_shape, d_shape):
     """(form, tokens, K, C) of one layer, from static shapes (trace time)."""
     cout = _static(d_shape[-1])
@@ -359,10 +389,16 @@ def squared_norms(layer, a, d, want_kernel, want_bias):
         mult = layer.depth_multiplier
 
         def depthwise(a, d):
-            p = _patches(layer, a)
-            b = tf.shape(p)[0]
-            p = tf.reshape(p, [b, -1, kk, cin])
+            b = tf.shape(a)[0]
             dd = tf.reshape(d, [b, -1, cin, mult])
+            if _static_spatial(a, d):
+                total = 0.0
+                for view in _shifts(layer, a, d.shape[1], d.shape[2]):
+                    view = tf.reshape(view, [b, -1, cin, 1])
+                    g = tf.reduce_sum(view * dd, axis=1)  # [b, cin, mult]
+                    total += tf.reduce_sum(tf.square(g), axis=[1, 2])
+                return total
+            p = tf.reshape(_patches(layer, a), [b, -1, kk, cin])
             g = tf.einsum("btpc,btcm->bpcm", p, dd)
             return tf.reduce_sum(tf.square(g), axis=[1, 2, 3])
 
@@ -373,8 +409,31 @@ def squared_norms(layer, a, d, want_kernel, want_bias):
     cin = a.shape[-1]
 
     def conv(a, d):
+        b = tf.shape(a)[0]
+        if _static_spatial(a, d):
+            views = [tf.reshape(v, [b, -1, cin])
+                     for v in _shifts(layer, a, d.shape[1], d.shape[2])]
+            dd = tf.reshape(d, [b, -1, d.shape[-1]])
+            if groups > 1:
+                views = [tf.reshape(v, [b, -1, groups, cin // groups])
+                         for v in views]
+                dd = tf.reshape(dd, [b, -1, groups, c])
+            if form == "ghost":
+                # A_i A_i^T = sum over taps of view_p view_p^T.
+                if groups == 1:
+                    ga = tf.add_n([tf.matmul(v, v, transpose_b=True)
+                                   for v in views])
+                    gd = tf.matmul(dd, dd, transpose_b=True)
+                    return tf.reduce_sum(ga * gd, axis=[1, 2])
+                ga = tf.add_n([tf.einsum("btgk,bsgk->bgts", v, v) for v in views])
+                gd = tf.einsum("btgc,bsgc->bgts", dd, dd)
+                return tf.reduce_sum(ga * gd, axis=[1, 2, 3])
+            # Each tap's block of the kernel gradient is separate.
+            if groups == 1:
+                return tf.add_n([_token_norms(v, dd, "explicit") for v in views])
+            return tf.add_n([_grouped_token_norms(v, dd, "explicit")
+                             for v in views])
         p = _patches(layer, a)
-        b = tf.shape(p)[0]
         if groups == 1:
             p = tf.reshape(p, [b, -1, p.shape[-1]])
             return _token_norms(p, tf.reshape(d, [b, -1, d.shape[-1]]), form)

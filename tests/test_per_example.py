@@ -249,6 +249,16 @@ def test_batchnorm_contributions_sum_to_the_batch_gradient():
         np.testing.assert_allclose(np.sum(contributions, 0) / BATCH, grad,
                                    rtol=1e-4, atol=1e-6, err_msg=layer.name)
         squared, _ = _per_example_tf.squared_norms(layer, a, d, True, False)
+        if a.shape.rank != 4:
+            continue
+        # Unknown spatial shapes take the im2col (extract_patches) path.
+        dynamic = tf.function(
+            lambda a, d, layer=layer: _per_example_tf.squared_norms(
+                layer, a, d, True, False)[0],
+            input_signature=[tf.TensorSpec([None, None, None, a.shape[-1]]),
+                             tf.TensorSpec([None, None, None, d.shape[-1]])])
+        np.testing.assert_allclose(dynamic(a, d), squared, rtol=1e-5,
+                                   err_msg=layer.name)
         np.testing.assert_allclose(
             BATCH * np.sqrt(squared.numpy()),
             [np.linalg.norm(c) for c in contributions], rtol=1e-4,
