@@ -6,11 +6,13 @@ Both compute the same rule; here it costs fewer kernels and fewer traced ops:
 
 - `squared_norms`: one `tf.nn.l2_loss` kernel per tensor (sum(x**2) / 2),
   where square-then-sum makes two passes;
-- `when`: one `tf.cond` around the whole update, so a skipped update costs
-  nothing (JAX cannot assign inside `lax.cond` in Keras's stateless scope,
-  so the generic path selects with a mask instead);
+- `when`: with gradient accumulation, one `tf.cond` around the update, so
+  the k - 1 micro-steps that only accumulate compute nothing more (JAX
+  cannot assign inside `lax.cond` in Keras's stateless scope, so the
+  generic path selects with a mask instead);
 - `apply_momentum`: the fused ResourceApplyMomentum kernel, one pass
-  instead of four;
+  instead of four, which skips a non-finite update by its arguments
+  instead of a branch;
 - `num_replicas`, `all_reduce_sum`, `on_each_device`: the tf.distribute
   plumbing, in `keras_clars._distribute`.
 """
@@ -31,7 +33,7 @@ def squared_norms(tensors, dtype):
 
 
 def when(condition, fn):
-    """Runs `fn(None)` only where `condition` holds (None: no mask needed)."""
+    """Runs `fn(None)` only if `condition` holds (None: no mask needed)."""
     tf.cond(condition, lambda: fn(None), lambda: None)
 
 
@@ -42,17 +44,32 @@ def _handle(variable):
     return variable.handle
 
 
-def apply_momentum(optimizer, variable, velocity, update, momentum, mask):
+def apply_momentum(optimizer, variables, velocities, updates, mask):
     """v <- m * v + u; w <- w - v (nesterov: w - (m * v + u)), fused.
 
-    The same rule as `transforms.heavy_ball`; `mask` is always None here.
+    The rule of `transforms.heavy_ball`, one ResourceApplyMomentum kernel per
+    layer. Where `mask` is false the kernel runs with u = 0, momentum 1 and
+    learning rate 0: v <- v, w <- w - 0 * v, both exact. No branch: a `cond`
+    around all layers cost as much tracing as the update itself.
     """
-    del mask
-    tf.raw_ops.ResourceApplyMomentum(
-        var=_handle(variable),
-        accum=_handle(velocity),
-        lr=tf.ones((), variable.dtype),
-        grad=update,
-        momentum=tf.constant(momentum, variable.dtype),
-        use_nesterov=optimizer.nesterov,
-    )
+    constants = {}
+    for variable, velocity, update in zip(variables, velocities, updates):
+        dtype = variable.dtype
+        if dtype not in constants:
+            momentum = tf.constant(optimizer.momentum, dtype)
+            if mask is None:
+                constants[dtype] = (tf.ones((), dtype), momentum)
+            else:
+                constants[dtype] = (tf.cast(mask, dtype),
+                                    tf.where(mask, momentum, tf.ones((), dtype)))
+        rate, momentum = constants[dtype]
+        if mask is not None:
+            update = tf.where(mask, update, tf.zeros((), dtype))
+        tf.raw_ops.ResourceApplyMomentum(
+            var=_handle(variable),
+            accum=_handle(velocity),
+            lr=rate,
+            grad=update,
+            momentum=momentum,
+            use_nesterov=optimizer.nesterov,
+        )

@@ -140,13 +140,17 @@ class _KerasOps:
         fn(condition)
 
     @staticmethod
-    def apply_momentum(optimizer, variable, velocity, update, momentum, mask):
-        new_velocity, step = transforms.heavy_ball(
-            ops.convert_to_tensor(velocity), update,
-            ops.convert_to_tensor(momentum, variable.dtype), optimizer.nesterov,
-        )
-        optimizer._assign(velocity, new_velocity, mask)
-        optimizer._assign(variable, ops.convert_to_tensor(variable) - step, mask)
+    def apply_momentum(optimizer, variables, velocities, updates, mask):
+        """Heavy-ball momentum on each layer, where `mask` holds."""
+        for variable, velocity, update in zip(variables, velocities, updates):
+            new_velocity, step = transforms.heavy_ball(
+                ops.convert_to_tensor(velocity), update,
+                ops.convert_to_tensor(optimizer.momentum, variable.dtype),
+                optimizer.nesterov,
+            )
+            optimizer._assign(velocity, new_velocity, mask)
+            optimizer._assign(variable,
+                              ops.convert_to_tensor(variable) - step, mask)
 
 
 class _Layers:
@@ -610,8 +614,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         """The update of the spec, with g_l = gradient_scale * grads[l].
 
         Skipped whole, and counted, if any gradient (or given norm) is not
-        finite. `mask` is None when the caller already decided to update,
-        else a boolean tensor (the generic path).
+        finite: every assignment selects with the mask `apply` (no branch,
+        so tracing adds no op per layer for it). `mask` is None when the
+        caller already decided that this is an update micro-step, else a
+        boolean tensor (the generic path).
         """
         paths = backend_paths()
         gradient_norms = layers.norms(paths, grads)
@@ -625,61 +631,58 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             [ops.all(ops.isfinite(n)) for n in gradient_norms + complete_norms]
         ))
         skipped = ops.logical_not(finite)
+        apply = finite
         if mask is not None:
             skipped = ops.logical_and(mask, skipped)
+            apply = ops.logical_and(mask, finite)
         self.assign_add(self._non_finite_updates, ops.cast(skipped, "int32"))
 
-        def apply_update(mask):
-            weights = [ops.convert_to_tensor(v) for v in variables]
-            weight_norms = layers.norms(paths, weights)
-            adapted = layers.constant([self._adapted[i] for i in indices],
-                                      "bool")
-            decay = layers.constant(
-                [self.weight_decay if self._decayed[i] else 0.0
-                 for i in indices]
+        weights = [ops.convert_to_tensor(v) for v in variables]
+        weight_norms = layers.norms(paths, weights)
+        adapted = layers.constant([self._adapted[i] for i in indices], "bool")
+        decay = layers.constant(
+            [self.weight_decay if self._decayed[i] else 0.0 for i in indices]
+        )
+        rows, gradient_scales, decay_scales = [], [], []
+        for (dtype, _), w_norm, g_norm, n_norm, is_adapted, beta in zip(
+            layers.groups, weight_norms, gradient_norms, complete_norms,
+            adapted, decay,
+        ):
+            ratio = ops.where(
+                is_adapted,
+                transforms.trust_ratio(w_norm, n_norm, self.trust_coefficient,
+                                       beta, self.epsilon),
+                ops.ones_like(w_norm),
             )
-            rows, gradient_scales, decay_scales = [], [], []
-            for (dtype, _), *vectors in zip(
-                layers.groups, weight_norms, gradient_norms, complete_norms,
-                adapted, decay,
-            ):
-                w_norm, g_norm, n_norm, is_adapted, beta = vectors
-                ratio = ops.where(
-                    is_adapted,
-                    transforms.trust_ratio(w_norm, n_norm,
-                                           self.trust_coefficient, beta,
-                                           self.epsilon),
-                    ops.ones_like(w_norm),
-                )
-                scale = ops.cast(learning_rate, dtype) * ratio
-                gradient_scales.append(
-                    scale if gradient_scale == 1.0 else scale * gradient_scale)
-                decay_scales.append(scale * beta)
-                rows.append(ops.stack(
-                    [ratio, n_norm, g_norm, w_norm,
-                     transforms.coherence(g_norm, n_norm)], axis=1,
-                ))
-            statistics = layers.join(rows, "float32")
-            if not self._in_order(indices):
-                statistics = ops.scatter_update(
-                    ops.convert_to_tensor(self._statistics),
-                    [[i] for i in indices], statistics,
-                )
-            self._assign(self._statistics, statistics, mask)
-            for variable, grad, weight, g_scale, d_scale, i in zip(
-                variables, grads, weights, layers.unstack(gradient_scales),
-                layers.unstack(decay_scales), indices,
-            ):
-                update = ops.cast(g_scale, variable.dtype) * grad
-                if self._decayed[i]:
-                    update = update + ops.cast(d_scale, variable.dtype) * weight
-                paths.apply_momentum(self, variable, self._velocities[i],
-                                     update, self.momentum, mask)
+            scale = ops.cast(learning_rate, dtype) * ratio
+            gradient_scales.append(
+                scale if gradient_scale == 1.0 else scale * gradient_scale)
+            decay_scales.append(scale * beta)
+            rows.append(ops.stack(
+                [ratio, n_norm, g_norm, w_norm,
+                 transforms.coherence(g_norm, n_norm)], axis=1,
+            ))
+        statistics = layers.join(rows, "float32")
+        if not self._in_order(indices):
+            statistics = ops.scatter_update(
+                ops.convert_to_tensor(self._statistics),
+                [[i] for i in indices], statistics,
+            )
+        self._assign(self._statistics, statistics, apply)
 
-        if mask is None:
-            paths.when(finite, apply_update)
-        else:
-            apply_update(ops.logical_and(mask, finite))
+        updates = []
+        for grad, weight, g_scale, d_scale, i in zip(
+            grads, weights, layers.unstack(gradient_scales),
+            layers.unstack(decay_scales), indices,
+        ):
+            update = ops.cast(g_scale, grad.dtype) * grad
+            if self._decayed[i]:
+                update = update + ops.cast(d_scale, grad.dtype) * weight
+            updates.append(update)
+        paths.apply_momentum(
+            self, variables, [self._velocities[i] for i in indices], updates,
+            apply,
+        )
 
     def _in_order(self, indices):
         """Whether the update's variables are all of them, in build order."""

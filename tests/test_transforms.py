@@ -141,19 +141,30 @@ def test_tensorflow_squared_norms(dtype):
 
 
 @pytest.mark.skipif(not IS_TF, reason="keras_clars._tensorflow: TensorFlow")
+@pytest.mark.parametrize("apply", [True, False])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_tensorflow_fused_momentum_is_heavy_ball(nesterov):
+def test_tensorflow_fused_momentum_is_heavy_ball(nesterov, apply):
+    """Where the mask is off, weights and velocity keep their exact bits,
+    even for a non-finite update."""
     from keras_clars import CLARS, _tensorflow
 
     w = RNG.normal(size=(4, 3))
     v = RNG.normal(size=(4, 3))
     u = RNG.normal(size=(4, 3))
+    if not apply:
+        u[0, 0] = np.nan
     variable = keras.Variable(w, dtype="float64")
     velocity = keras.Variable(v, dtype="float64")
     optimizer = CLARS(momentum=0.9, nesterov=nesterov)
-    _tensorflow.apply_momentum(optimizer, variable, velocity, tensor(u), 0.9,
-                               None)
+    _tensorflow.apply_momentum(optimizer, [variable], [velocity], [tensor(u)],
+                               tensor(apply))
+    if not apply:
+        np.testing.assert_array_equal(numpy(velocity), v)
+        np.testing.assert_array_equal(numpy(variable), w)
+        return
+    new_v, step = transforms.heavy_ball(tensor(v), tensor(u), 0.9, nesterov)
     expected_v = 0.9 * v + u
     expected_step = 0.9 * expected_v + u if nesterov else expected_v
     np.testing.assert_allclose(numpy(velocity), expected_v, rtol=1e-14)
     np.testing.assert_allclose(numpy(variable), w - expected_step, rtol=1e-14)
+    np.testing.assert_allclose(numpy(variable), w - numpy(step), rtol=1e-14)
