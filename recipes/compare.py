@@ -117,7 +117,8 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
     for method in methods:
         curve = PLAN.curve(METHODS[method])
         lr, source = learning_rate(curve.name, chosen_path)
-        config = _override(PLAN.config(curve, lr, seed), overrides)
+        # One line per epoch (the study itself trains silently).
+        config = _override(PLAN.config(curve, lr, seed), ["verbose=2", *overrides])
         print(f"\n=== {method}: peak lr {lr:g} ({source})", flush=True)
         result = train.run(config)
         results.append({"method": method, "curve": curve.name, "lr_source": source,

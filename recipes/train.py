@@ -468,15 +468,15 @@ def environment():
         try:
             return subprocess.run(
                 ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20
-            ).stdout.strip()
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
     changed = git("status", "--porcelain", "--", "keras_clars", "recipes")
     return {
-        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_commit": git("rev-parse", "HEAD").strip() or None,
         # Uncommitted changes to the code that ran, if any (paths only).
-        "uncommitted": [line[3:] for line in changed.splitlines()],
+        "uncommitted": [line[3:] for line in changed.splitlines() if line.strip()],
         "versions": {
             "python": platform.python_version(),
             "keras_clars": keras_clars.__version__,
@@ -503,6 +503,7 @@ def run(config, strategy=None):
         `record` (what `--record_path` gets) and `model`.
     """
     began_run = time.time()
+    code = environment()  # the code as the run starts
     if strategy is None:
         if config.logical_cpus:  # before anything initializes TensorFlow's devices
             strategies.use_logical_cpus(config.logical_cpus)
@@ -682,22 +683,25 @@ def run(config, strategy=None):
         summary["first_update_coherence"] = coherence.result
     if config.model_dir:
         _write_json(os.path.join(config.model_dir, "summary.json"), summary)
-    record = make_record(config, summary, epoch_log.epochs, time.time() - began_run)
+    record = make_record(config, summary, epoch_log.epochs, time.time() - began_run, code)
     if config.record_path:
         _write_json(config.record_path, record)
     return {"epochs": epoch_log.epochs, "summary": summary, "record": record,
             "model": model}
 
 
-def make_record(config, summary, epochs, wall_seconds):
-    """A run's JSON record: what it was, what it gave, what it ran on."""
+def make_record(config, summary, epochs, wall_seconds, code=None):
+    """A run's JSON record: what it was, what it gave, what it ran on.
+
+    `code`: `environment()` as the run started (default: now).
+    """
     validation = [e.get("val_accuracy") for e in epochs] if summary[
         "eval_split"] == "validation" else []
     finite = [v for v in validation if v is not None and np.isfinite(v)]
     return {
         "format": RECORD_FORMAT,
         "config": dataclasses.asdict(config),
-        **environment(),
+        **(code or environment()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": wall_seconds,
         "summary": {k: v for k, v in summary.items() if k != "final"},
