@@ -305,11 +305,12 @@ def ablation_table(plan, summary):
     return "\n".join(lines) + "\n"
 
 
-def _compare(a, b):
-    """Mean difference of two final stats, in points, and a verdict word."""
+def _compare(a, b, na, nb):
+    """Mean difference of two final stats (over na and nb seeds), in points,
+    its standard error and a verdict word."""
     (ma, sa), (mb, sb) = a, b
     d = 100 * (ma - mb)
-    se = 100 * math.sqrt(sa**2 / 3 + sb**2 / 3)
+    se = 100 * math.sqrt(sa**2 / na + sb**2 / nb)
     if d > 2 * se:
         word = "ahead"
     elif d < -2 * se:
@@ -351,7 +352,8 @@ def verdicts_table(plan, summary):
         if not sa or not sb:
             lines.append(f"| {claim} | {a} vs {b} | {NOT_RUN} | {NOT_RUN} |")
             return
-        d, se, word = _compare(sa["final_val"], sb["final_val"])
+        d, se, word = _compare(sa["final_val"], sb["final_val"], len(sa["seeds"]),
+                               len(sb["seeds"]))
         if large is not None and word == "ahead":
             word += f"; {'a large margin' if d >= large else 'not a large margin'} " \
                     f"(large: ≥ {large:g} points)"
@@ -506,9 +508,13 @@ def plot_warmup_necessity(plan, summary, path):
     (B, family): where the warmup claim lives."""
     plt = _pyplot()
     panels = plan.figure_panels  # [(title, [curve names])]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2),
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.4 * rows),
                                 squeeze=False)
-    for ax, (title, names) in zip(axes[0], panels):
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes.flat, panels):
         for name in names:
             entry = summary.get(name)
             if not entry or not entry["tuning"]:
