@@ -1,6 +1,6 @@
 """The cost of exact per-example norms, against a plain CLARS step.
 
-    .venv/bin/python -m benchmarks.per_example_cost [--out PATH] [--quick]
+    .venv/bin/python -m benchmarks.per_example_cost [--out PATH] [--quick] [--parts P]
 
 Three parts, one run:
 
@@ -230,6 +230,8 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/per_example_cost.json")
     parser.add_argument("--quick", action="store_true",
                         help="ResNet-20 only, fewer steps (a smoke run)")
+    parser.add_argument("--parts", default="resnet20,resnet50,accumulation",
+                        help="comma-separated subset of the three parts")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--variant", default="clars")
@@ -245,8 +247,11 @@ def main(argv=None):
     import keras
     import tensorflow as tf
 
-    cases = [("resnet20", 128, 3 if args.quick else 7, 2)]
-    if not args.quick:
+    parts = set(args.parts.split(","))
+    cases = []
+    if "resnet20" in parts:
+        cases.append(("resnet20", 128, 3 if args.quick else 7, 2))
+    if "resnet50" in parts and not args.quick:
         cases.append(("resnet50", 32, 3, 1))
     record = {
         "command": "python -m benchmarks.per_example_cost "
@@ -311,15 +316,16 @@ def main(argv=None):
                       f"its kernel gradient), "
                       f"{row['extra_memory_mb']:.1f} MB")
 
-    print("accumulation, k = 16 (ResNet-20, micro-batch "
-          f"{args.accumulation_batch}), seconds per micro-step:", flush=True)
-    if args.quick:
-        args.accumulation_rounds = 1
-    acc = accumulation(args)
-    record["accumulation"] = acc
-    acc_line = " ".join(f"{n} {s:.4f}" for n, s in acc["micro_step_s"].items())
-    print(f"  {acc_line}; CLARS/LARS {acc['CLARS/LARS']:.3f} "
-          f"(target <= {ACCUMULATION_TARGET}), CLARS/SGD {acc['CLARS/SGD']:.3f}")
+    if "accumulation" in parts:
+        print("accumulation, k = 16 (ResNet-20, micro-batch "
+              f"{args.accumulation_batch}), seconds per micro-step:", flush=True)
+        if args.quick:
+            args.accumulation_rounds = 1
+        acc = accumulation(args)
+        record["accumulation"] = acc
+        acc_line = " ".join(f"{n} {s:.4f}" for n, s in acc["micro_step_s"].items())
+        print(f"  {acc_line}; CLARS/LARS {acc['CLARS/LARS']:.3f} "
+              f"(target <= {ACCUMULATION_TARGET}), CLARS/SGD {acc['CLARS/SGD']:.3f}")
     record["load_average_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
