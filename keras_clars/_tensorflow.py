@@ -1,11 +1,13 @@
 """TensorFlow's fast paths of the layer-wise update (private).
 
 `keras_clars.layerwise` picks this module, or its own `keras.ops` version of
-the same five functions, with its single backend check (`backend_paths()`).
+the same functions, with its single backend check (`backend_paths()`).
 Both compute the same rule; here it costs fewer kernels and fewer traced ops:
 
 - `squared_norms`: one `tf.nn.l2_loss` kernel per tensor (sum(x**2) / 2),
   where square-then-sum makes two passes;
+- `scale_tensor`: `multiply_no_nan`, so a skipped update (scale 0) is 0
+  even for a non-finite gradient, without a select per layer;
 - `when`: with gradient accumulation, one `tf.cond` around the update, so
   the k - 1 micro-steps that only accumulate compute nothing more (JAX
   cannot assign inside `lax.cond` in Keras's stateless scope, so the
@@ -32,6 +34,11 @@ def squared_norms(tensors, dtype):
     return 2.0 * tf.stack([tf.nn.l2_loss(tf.cast(x, dtype)) for x in tensors])
 
 
+def scale_tensor(x, factor):
+    """factor * x, and 0 where factor is 0 even if x holds inf or NaN."""
+    return tf.math.multiply_no_nan(x, tf.cast(factor, x.dtype))
+
+
 def when(condition, fn):
     """Runs `fn(None)` only if `condition` holds (None: no mask needed)."""
     tf.cond(condition, lambda: fn(None), lambda: None)
@@ -48,9 +55,10 @@ def apply_momentum(optimizer, variables, velocities, updates, mask):
     """v <- m * v + u; w <- w - v (nesterov: w - (m * v + u)), fused.
 
     The rule of `transforms.heavy_ball`, one ResourceApplyMomentum kernel per
-    layer. Where `mask` is false the kernel runs with u = 0, momentum 1 and
-    learning rate 0: v <- v, w <- w - 0 * v, both exact. No branch: a `cond`
-    around all layers cost as much tracing as the update itself.
+    layer. Where `mask` is false the caller's updates are 0 (`scale_tensor`
+    by a zero scale) and the kernel runs with momentum 1 and learning rate
+    0: v <- v + 0, w <- w - 0 * v, both exact. No branch: a `cond` around
+    all layers cost as much tracing as the update itself.
     """
     constants = {}
     for variable, velocity, update in zip(variables, velocities, updates):
@@ -63,8 +71,6 @@ def apply_momentum(optimizer, variables, velocities, updates, mask):
                 constants[dtype] = (tf.cast(mask, dtype),
                                     tf.where(mask, momentum, tf.ones((), dtype)))
         rate, momentum = constants[dtype]
-        if mask is not None:
-            update = tf.where(mask, update, tf.zeros((), dtype))
         tf.raw_ops.ResourceApplyMomentum(
             var=_handle(variable),
             accum=_handle(velocity),

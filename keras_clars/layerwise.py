@@ -140,6 +140,10 @@ class _KerasOps:
         fn(condition)
 
     @staticmethod
+    def scale_tensor(x, factor):
+        return ops.cast(factor, x.dtype) * x
+
+    @staticmethod
     def apply_momentum(optimizer, variables, velocities, updates, mask):
         """Heavy-ball momentum on each layer, where `mask` holds."""
         for variable, velocity, update in zip(variables, velocities, updates):
@@ -654,7 +658,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                                        beta, self.epsilon),
                 ops.ones_like(w_norm),
             )
-            scale = ops.cast(learning_rate, dtype) * ratio
+            # Zero where the update is skipped: with `scale_tensor` (TF's
+            # multiply_no_nan) even a non-finite gradient gives u = 0.
+            scale = ops.where(apply, ops.cast(learning_rate, dtype) * ratio,
+                              ops.zeros_like(ratio))
             gradient_scales.append(
                 scale if gradient_scale == 1.0 else scale * gradient_scale)
             decay_scales.append(scale * beta)
@@ -675,7 +682,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             grads, weights, layers.unstack(gradient_scales),
             layers.unstack(decay_scales), indices,
         ):
-            update = ops.cast(g_scale, grad.dtype) * grad
+            update = paths.scale_tensor(grad, g_scale)
             if self._decayed[i]:
                 update = update + ops.cast(d_scale, grad.dtype) * weight
             updates.append(update)
