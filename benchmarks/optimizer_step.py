@@ -12,8 +12,8 @@ contestants alike within a round):
   small batch of small images via `model.train_on_batch`, jit off (what
   Keras's `jit_compile="auto"` picks on CPU), CLARS vs SGD with momentum.
 
-    python benchmarks/optimizer_step.py                 # both parts
-    python benchmarks/optimizer_step.py --parts update --repeats 9
+    python -m benchmarks.optimizer_step                 # both parts
+    python -m benchmarks.optimizer_step --parts update --repeats 9
 """
 
 import argparse
