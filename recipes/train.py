@@ -112,7 +112,7 @@ HELP = {
     "evaluate on the test split every epoch.",
     "train_examples": "Train on only the first N remaining training examples "
     "(tiny test runs); 0: all.",
-    "optimizer": "clars, lars or sgd (Keras SGD, momentum).",
+    "optimizer": "clars, lars or sgd (heavy-ball momentum SGD, MomentumSGD).",
     "per_example_norms": "clars only: exact per-example gradient norms as "
     "CLARS's samples (keras_clars.per_example_norms; b=1, S=B). Refused for "
     "lars and sgd, which take no sample norms.",
@@ -127,8 +127,8 @@ HELP = {
     "poly_power": "Exponent of the poly decay.",
     "momentum": "Heavy-ball momentum.",
     "nesterov": "Nesterov momentum.",
-    "weight_decay": "Weight decay; coupled for clars/lars, decoupled (Keras) "
-    "for sgd. Never on biases and BatchNorm parameters.",
+    "weight_decay": "Weight decay, coupled (inside the update) for every "
+    "optimizer. Never on biases and BatchNorm parameters.",
     "trust_coefficient": "eta of LARS and CLARS.",
     "label_smoothing": "Label smoothing of the cross-entropy.",
     "epochs": "Training epochs.",
@@ -264,43 +264,36 @@ def batch_layout(batch_size, micro_batch_size, replicas):
     return micro, k, replicas * k
 
 
-def check_accumulation(optimizer, accumulation_steps, replicas):
-    """Raises ValueError for what Keras SGD cannot do: accumulate across replicas.
+@keras.saving.register_keras_serializable(package="keras_clars_recipes")
+class MomentumSGD(keras_clars.LARS):
+    """SGD with heavy-ball momentum and coupled weight decay (Goyal et al. 2017).
 
-    Keras's own gradient accumulation calls a merge_call inside a cond, which
-    tf.distribute refuses when tracing; CLARS and LARS accumulate their own way.
+    LARS with every trust ratio 1:
+
+        v <- m * v + lr * (g + beta * w);   w <- w - v
+
+    which is Keras SGD's update (v <- m * v - lr * g; w <- w + v) with the
+    weight decay inside the step, as Goyal et al. apply it. It is the
+    recipes' SGD baseline because it shares LARS's machinery: it accumulates
+    micro-steps under every tf.distribute strategy (Keras SGD's own
+    accumulation fails there) and evaluates its schedule at the update index.
+    `trust_coefficient` is unused.
     """
-    if optimizer == "sgd" and accumulation_steps > 1 and replicas > 1:
-        raise ValueError(
-            f"--optimizer=sgd cannot accumulate gradients (k={accumulation_steps}) "
-            f"over {replicas} replicas: Keras SGD's accumulation fails under "
-            "tf.distribute. Use --micro_batch_size=batch_size/replicas (k=1)."
-        )
+
+    def _is_layer_adapted(self, variable):
+        return False
 
 
-def make_optimizer(config, learning_rate, accumulation_steps=1, model=None):
-    """The optimizer of `config`: CLARS, LARS or Keras SGD.
+def make_optimizer(config, learning_rate, accumulation_steps=1):
+    """The optimizer of `config`: CLARS, LARS or `MomentumSGD`.
 
-    CLARS and LARS take weight decay coupled, in their update. SGD takes it
-    the Keras way, decoupled: w -= lr * weight_decay * w per update, outside
-    the momentum (as strong as a coupled decay of weight_decay * (1 -
-    momentum)). Neither decays variables of rank <= 1.
+    All three take weight decay coupled, in their update, and none decays
+    variables of rank <= 1.
     """
     k = accumulation_steps if accumulation_steps > 1 else None
     decay = config.weight_decay or None
-    if config.optimizer == "sgd":
-        if k and isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-            learning_rate = schedules.PerUpdate(learning_rate, k)
-        optimizer = keras.optimizers.SGD(
-            learning_rate, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=decay, gradient_accumulation_steps=k,
-        )
-        if model is not None and decay:
-            optimizer.exclude_from_weight_decay(
-                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
-            )
-        return optimizer
-    cls = keras_clars.CLARS if config.optimizer == "clars" else keras_clars.LARS
+    cls = {"clars": keras_clars.CLARS, "lars": keras_clars.LARS,
+           "sgd": MomentumSGD}[config.optimizer]
     return cls(
         learning_rate, momentum=config.momentum,
         trust_coefficient=config.trust_coefficient, weight_decay=decay,
@@ -516,7 +509,6 @@ def run(config, strategy=None):
     keras.config.set_dtype_policy(config.dtype)
     replicas = strategy.num_replicas_in_sync
     micro, k, samples = batch_layout(config.batch_size, config.micro_batch_size, replicas)
-    check_accumulation(config.optimizer, k, replicas)
 
     def load(split):
         return data.load(config.dataset, split, config.data_dir or None, config.download,
@@ -574,7 +566,7 @@ def run(config, strategy=None):
         if config.per_example_norms:
             model = keras_clars.per_example_norms(model)
         model.compile(
-            optimizer=make_optimizer(config, schedule, k, model),
+            optimizer=make_optimizer(config, schedule, k),
             loss=keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=config.label_smoothing
             ),

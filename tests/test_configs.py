@@ -39,11 +39,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 OWN_MODELS = os.environ.get("KERAS_CLARS_CONFIG_MODELS") == "1"
 # Configs known not to run on 2 replicas, each with its reason. strict: once
 # fixed, the test fails until the entry is removed.
-KNOWN_FAILURES = {
-    "fashion_mnist_b4096_sgd": "issue 10: the study's SGD config fixes b=256 "
-    "(k=16 on one device); on 2 replicas that is k=8, and Keras SGD cannot "
-    "accumulate under a multi-replica strategy (train.check_accumulation)",
-}
+KNOWN_FAILURES = {}
 
 # Runs in the subprocess: argv[1] is a JSON list of [name, args], argv[2]
 # the JSON file of results (name -> summary, or name -> {"error": ...}).
@@ -111,7 +107,7 @@ def _plan(path, tmp_path):
     if config.dataset != "fashion_mnist":
         args += ["--image_size=32", f"--data_dir={tmp_path / 'tfds'}"]
     expected = dict(replicas=REPLICAS, accumulation_k=k, slice_size_b=b, final_updates=1,
-                    optimizer={"clars": "CLARS", "lars": "LARS", "sgd": "SGD"}[config.optimizer])
+                    optimizer={"clars": "CLARS", "lars": "LARS", "sgd": "MomentumSGD"}[config.optimizer])
     return args, expected
 
 

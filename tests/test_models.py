@@ -30,7 +30,7 @@ def test_every_model_takes_a_step_with_every_optimizer(name):
         model.set_weights(initial)
         config = train.Config(optimizer=optimizer, weight_decay=1e-4)
         model.compile(
-            optimizer=train.make_optimizer(config, 0.1, 1, model), loss=_loss(),
+            optimizer=train.make_optimizer(config, 0.1), loss=_loss(),
             run_eagerly=True,  # one eager step is faster than tracing a step
         )
         before = kernel.numpy()

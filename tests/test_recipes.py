@@ -123,12 +123,37 @@ def test_batch_layout():
         train.batch_layout(100, 0, 3)
 
 
-def test_sgd_cannot_accumulate_over_replicas():
-    train.check_accumulation("sgd", 4, 1)
-    train.check_accumulation("clars", 4, 2)
-    train.check_accumulation("sgd", 1, 2)
-    with pytest.raises(ValueError, match=r"--optimizer=sgd cannot accumulate gradients \(k=4\) over 2"):
-        train.check_accumulation("sgd", 4, 2)
+def test_sgd_is_heavy_ball_momentum_with_coupled_decay():
+    """MomentumSGD against NumPy: v <- m v + lr (g + beta w); w <- w - v,
+    with no decay on rank-1 variables, and Keras SGD's trajectory without decay."""
+    rng = np.random.default_rng(0)
+    kernel0 = rng.normal(size=(3, 2)).astype(np.float32)
+    bias0 = rng.normal(size=(2,)).astype(np.float32)
+    grads = [[rng.normal(size=(3, 2)).astype(np.float32),
+              rng.normal(size=(2,)).astype(np.float32)] for _ in range(3)]
+    lr, m, beta = 0.1, 0.9, 0.01
+    config = train.Config(optimizer="sgd", momentum=m, weight_decay=beta)
+    optimizer = train.make_optimizer(config, lr)
+    variables = [keras.Variable(kernel0), keras.Variable(bias0)]
+    for g in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(x) for x in g], variables)
+    w = [kernel0.astype(np.float64), bias0.astype(np.float64)]
+    v = [np.zeros_like(x) for x in w]
+    for g in grads:
+        for i, decay in enumerate((beta, 0.0)):
+            v[i] = m * v[i] + lr * (g[i] + decay * w[i])
+            w[i] = w[i] - v[i]
+    for variable, expected in zip(variables, w):
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    keras_sgd = keras.optimizers.SGD(lr, momentum=m)
+    ours = train.make_optimizer(train.Config(optimizer="sgd", momentum=m), lr)
+    pairs = [[keras.Variable(kernel0), keras.Variable(bias0)] for _ in range(2)]
+    for g in grads:
+        for opt, vs in zip((keras_sgd, ours), pairs):
+            opt.apply([keras.ops.convert_to_tensor(x) for x in g], vs)
+    for a, b in zip(*pairs):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_sgd_schedule_counts_updates_not_micro_steps():
@@ -137,7 +162,7 @@ def test_sgd_schedule_counts_updates_not_micro_steps():
     assert optimizer.gradient_accumulation_steps == 4
     optimizer.build([keras.Variable(np.zeros(3, np.float32))])
     for micro_step in (0, 3, 4, 7, 13):
-        # Keras evaluates the schedule at its micro-step count `_iterations`.
+        # `_iterations` counts micro-steps; the schedule sees updates.
         optimizer._iterations.assign(micro_step)
         np.testing.assert_allclose(
             float(optimizer.learning_rate), float(schedule(micro_step // 4)), rtol=1e-6
