@@ -18,8 +18,12 @@ class CLARS(LayerwiseOptimizer):
         lambda_l = eta * ||w_l|| / (N_l + beta * ||w_l|| + eps)
 
     Where samples disagree, N_l exceeds ||g_l|| and the step shrinks by
-    itself: the built-in warmup the paper claims. With S = 1 CLARS is LARS.
-    Report the slice size b = B / S with any result: N_l depends on it.
+    itself: the built-in warmup the paper claims. With S = 1 (one replica,
+    no accumulation, no per-example norms) CLARS is exactly LARS, and warns
+    once when its update is first traced; for many samples use
+    `keras_clars.per_example_norms(model)` (S = B), gradient accumulation,
+    or replicas. Report the slice size b = B / S with any result: N_l
+    depends on it.
 
     This rule is this project's reconstruction from the paper's public
     record (its abstract and title); the paper's full text was not available.
