@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 BATCH = 8  # global micro-batch
 HYPER = dict(momentum=0.9, trust_coefficient=0.02, weight_decay=1e-3)

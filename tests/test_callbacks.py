@@ -228,7 +228,6 @@ def test_bad_arguments_are_named():
 JAX_RUN = r"""
 import json, os, sys, warnings
 import numpy as np
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
 import keras
 from test_callbacks import compile_clars, fashion, small_model
 from keras_clars.callbacks import LayerStatisticsLogger, NonFiniteUpdateMonitor

@@ -428,7 +428,6 @@ WORKER = textwrap.dedent("""
     import keras
     import keras_clars
     from keras_clars import CLARS
-    sys.path.insert(0, sys.argv[1])
     import test_per_example as t
     from numpy_reference import reference_update
 
