@@ -31,7 +31,10 @@ from keras_clars._distribute import (  # noqa: F401  (re-exported)
 
 def squared_norms(tensors, dtype):
     """[sum(x**2) for x in tensors] as one vector of `dtype`."""
-    return 2.0 * tf.stack([tf.nn.l2_loss(tf.cast(x, dtype)) for x in tensors])
+    # Flat first: XLA on CPU reduces a 1-D tensor about twice as fast.
+    return 2.0 * tf.stack(
+        [tf.nn.l2_loss(tf.reshape(tf.cast(x, dtype), [-1])) for x in tensors]
+    )
 
 
 def scale_tensor(x, factor):
