@@ -580,37 +580,37 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             self._update(variables, indices, layers, grads, 1.0,
                          complete_norms, learning_rate, None)
             return
-        # Accumulate; the update micro-step reads the window's sums and
-        # restarts them.
-        is_update = ops.equal((self._iterations + 1) % steps, 0)
-        totals = []
-        for variable, grad in zip(variables, grads):
-            accumulator = self._accumulated_gradients[
-                self._get_variable_index(variable)]
-            total = ops.convert_to_tensor(accumulator) + grad
-            self.assign(accumulator,
-                        ops.where(is_update, ops.zeros_like(total), total))
-            totals.append(total)
+        # Accumulate in place; the update micro-step reads the window's sums
+        # and restarts them (TF: inside one `cond`, so the other k - 1
+        # micro-steps cost one pass over the gradients).
+        accumulators = [self._accumulated_gradients[i] for i in indices]
+        for accumulator, grad in zip(accumulators, grads):
+            self.assign_add(accumulator, grad)
         if complete_norms is not None:
-            window = ops.convert_to_tensor(self._complete_norm_sums)
-            complete_norms = ops.cast(complete_norms, window.dtype)
-            if self._in_order(indices):
-                window = window + complete_norms
-            else:
-                window = ops.scatter_update(
-                    window, [[i] for i in indices],
-                    ops.take(window, indices) + complete_norms,
-                )
-            self.assign(self._complete_norm_sums,
-                        ops.where(is_update, ops.zeros_like(window), window))
             if not self._in_order(indices):
-                window = ops.take(window, indices)
-            complete_norms = window / steps
+                complete_norms = ops.scatter(
+                    [[i] for i in indices], complete_norms,
+                    (len(self._trainable_variables),),
+                )
+            self.assign_add(self._complete_norm_sums, complete_norms)
+
+        def update_window(mask):
+            totals = [ops.convert_to_tensor(a) for a in accumulators]
+            window_norms = None
+            if complete_norms is not None:
+                window_norms = ops.convert_to_tensor(self._complete_norm_sums)
+                if not self._in_order(indices):
+                    window_norms = ops.take(window_norms, indices)
+                window_norms = window_norms / steps
+            self._update(variables, indices, layers, totals, 1.0 / steps,
+                         window_norms, learning_rate, mask)
+            for accumulator in accumulators + (
+                    [self._complete_norm_sums] if complete_norms is not None
+                    else []):
+                self._assign(accumulator, ops.zeros_like(accumulator), mask)
+
         paths.when(
-            is_update,
-            lambda mask: self._update(variables, indices, layers, totals,
-                                      1.0 / steps, complete_norms,
-                                      learning_rate, mask),
+            ops.equal((self._iterations + 1) % steps, 0), update_window
         )
 
     def _update(self, variables, indices, layers, grads, gradient_scale,
