@@ -607,7 +607,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             for accumulator in accumulators + (
                     [self._complete_norm_sums] if complete_norms is not None
                     else []):
-                self._assign(accumulator, ops.zeros_like(accumulator), mask)
+                self._assign(accumulator,
+                             ops.zeros(accumulator.shape, accumulator.dtype),
+                             mask)
 
         paths.when(
             ops.equal((self._iterations + 1) % steps, 0), update_window
