@@ -100,6 +100,16 @@ def _as_float(name, value):
         raise ValueError(f"{name} must be a number; received {name}={value!r}.")
 
 
+def _checked(name, value, requirement, ok):
+    """`value` as a float if `ok(value)`, else the uniform ValueError."""
+    value = _as_float(name, value)
+    if not ok(value):
+        raise ValueError(
+            f"{name} must be {requirement}; received {name}={value}."
+        )
+    return value
+
+
 def backend_paths():
     """The one backend check: TensorFlow's fast paths, or `_KerasOps`."""
     if keras.backend.backend() == "tensorflow":
@@ -244,33 +254,16 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         if isinstance(learning_rate, (int, float)) and not isinstance(
             learning_rate, bool
         ):
-            learning_rate = _as_float("learning_rate", learning_rate)
-            if not learning_rate >= 0:
-                raise ValueError(
-                    "learning_rate must be >= 0; received "
-                    f"learning_rate={learning_rate}."
-                )
-        momentum = _as_float("momentum", momentum)
-        if not 0 <= momentum < 1:
-            raise ValueError(
-                f"momentum must be in [0, 1); received momentum={momentum}."
-            )
-        trust_coefficient = _as_float("trust_coefficient", trust_coefficient)
-        if not trust_coefficient > 0:
-            raise ValueError(
-                "trust_coefficient must be > 0; received "
-                f"trust_coefficient={trust_coefficient}."
-            )
+            learning_rate = _checked("learning_rate", learning_rate, ">= 0",
+                                     lambda x: x >= 0)
+        momentum = _checked("momentum", momentum, "in [0, 1)",
+                            lambda x: 0 <= x < 1)
+        trust_coefficient = _checked("trust_coefficient", trust_coefficient,
+                                     "> 0", lambda x: x > 0)
         if weight_decay is not None:
-            weight_decay = _as_float("weight_decay", weight_decay)
-            if not weight_decay >= 0:
-                raise ValueError(
-                    "weight_decay must be >= 0 or None; received "
-                    f"weight_decay={weight_decay}."
-                )
-        epsilon = _as_float("epsilon", epsilon)
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0; received epsilon={epsilon}.")
+            weight_decay = _checked("weight_decay", weight_decay,
+                                    ">= 0 or None", lambda x: x >= 0)
+        epsilon = _checked("epsilon", epsilon, ">= 0", lambda x: x >= 0)
         if nesterov and momentum == 0:
             raise ValueError(
                 "nesterov=True needs momentum > 0; received "
@@ -318,44 +311,39 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # ----------------------------------------------------------- exclusions
 
-    def _check_not_built(self, method):
+    def _exclusion(self, method, var_list, var_names):
+        """(ids, names) of an `exclude_from_*` call; raises once built."""
         if self.built:
             raise ValueError(
                 f"{method}() must be called before the optimizer is built; "
                 f"received a call after build on {type(self).__name__}."
             )
+        return ({self._var_key(v) for v in var_list or ()},
+                list(var_names or ()))
 
     def exclude_from_layer_adaptation(self, var_list=None, var_names=None):
         """Gives variables the trust ratio 1 (plain momentum SGD).
 
-        Variables of rank <= 1 are always excluded. Must be called before the
-        optimizer is built; a new call replaces the earlier exclusions.
-        Names are kept by `get_config` (and `model.save`), variables are not.
+        Same arguments and rules as `exclude_from_weight_decay`.
+        """
+        self._no_adaptation_ids, self._no_adaptation_names = self._exclusion(
+            "exclude_from_layer_adaptation", var_list, var_names)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Takes variables out of weight decay (Keras's method and arguments).
+
+        Variables of rank <= 1 are always excluded from both. Must be called
+        before the optimizer is built; a new call replaces the earlier
+        exclusions. Names are kept by `get_config` (and `model.save`),
+        variables are not.
 
         Args:
             var_list: variables to exclude.
             var_names: strings; a variable whose path contains one of them is
                 excluded (e.g. `["bias", "batch_normalization"]`).
         """
-        self._check_not_built("exclude_from_layer_adaptation")
-        self._no_adaptation_ids = {self._var_key(v) for v in var_list or ()}
-        self._no_adaptation_names = list(var_names or ())
-
-    def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Takes variables out of weight decay (Keras's method and arguments).
-
-        Variables of rank <= 1 are always excluded. Must be called before the
-        optimizer is built; a new call replaces the earlier exclusions.
-        Names are kept by `get_config` (and `model.save`), variables are not.
-
-        Args:
-            var_list: variables to exclude.
-            var_names: strings; a variable whose path contains one of them is
-                excluded.
-        """
-        self._check_not_built("exclude_from_weight_decay")
-        self._no_decay_ids = {self._var_key(v) for v in var_list or ()}
-        self._no_decay_names = list(var_names or ())
+        self._no_decay_ids, self._no_decay_names = self._exclusion(
+            "exclude_from_weight_decay", var_list, var_names)
 
     def _excluded(self, variable, ids, names):
         if self._var_key(variable) in ids:
