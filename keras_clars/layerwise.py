@@ -27,7 +27,6 @@ The learning rate is evaluated at the update index `iterations`, which counts
 updates, not micro-steps.
 """
 
-import re
 import warnings
 
 import keras
