@@ -64,6 +64,19 @@ def build(name):
     return model, (224, 224, 3), 1000
 
 
+def _interleaved(models, rounds, calls, x, y):
+    """Seconds per `train_on_batch`, each round running `calls` steps of
+    every model in turn, so that load drifts hit all of them alike."""
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
 def _data(shape, classes, batch, seed=0):
     import numpy as np
 
@@ -114,12 +127,7 @@ def child(args):
         for _ in range(args.warmup - 1):
             model.train_on_batch(x, y)
         models[variant] = model
-    times = {variant: [] for variant in variants}
-    for _ in range(args.steps):
-        for variant, model in models.items():
-            start = time.perf_counter()
-            model.train_on_batch(x, y)
-            times[variant].append(time.perf_counter() - start)
+    times = _interleaved(models, args.steps, 1, x, y)
     print(json.dumps({
         "model": args.model, "variant": args.variant, "batch": args.batch,
         "first_step_s": first,
@@ -207,13 +215,7 @@ def accumulation(args):
         for _ in range(k):  # warm-up window: trace, compile, one update
             model.train_on_batch(x, y)
         models[name] = model
-    times = {name: [] for name in makers}
-    for _ in range(args.accumulation_rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            for _ in range(k):
-                model.train_on_batch(x, y)
-            times[name].append((time.perf_counter() - start) / k)
+    times = _interleaved(models, args.accumulation_rounds, k, x, y)
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {
         "k": k, "micro_batch": args.accumulation_batch,
