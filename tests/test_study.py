@@ -30,12 +30,12 @@ def test_every_curve_chooses_among_the_same_number_of_points():
                                          for lr in ladder})
 
     window, status, chosen = state(2.0)  # interior: the first window stands
-    assert window == [0.25, 0.5, 1, 2, 4, 8, 16] and status == "tuned" and chosen == 2.0
-    window, status, chosen = state(32.0)  # past the top: slides until interior
-    assert window == [1, 2, 4, 8, 16, 32, 64] and chosen == 32.0
+    assert window == [0.25, 0.5, 1, 2, 4] and status == "tuned" and chosen == 2.0
+    window, status, chosen = state(16.0)  # past the top: slides until interior
+    assert window == [2, 4, 8, 16, 32] and chosen == 16.0
     window, status, chosen = state(0.125 / 4)  # far below: at most 3 slides
-    assert window == [0.25 / 8 * 2**i for i in range(7)] and chosen == 0.25 / 8
-    assert len(window) == plan.grid_points == 7
+    assert window == [0.25 / 8 * 2**i for i in range(5)] and chosen == 0.25 / 8
+    assert len(window) == plan.grid_points == 5
     # A missing point of the window: not tuned, nothing chosen.
     window, status, chosen = plan.tuning_state(curve, {0.25: 0.5, 0.5: 0.6})
     assert status == "incomplete" and chosen is None
