@@ -1,5 +1,5 @@
-"""The main job: CLARS without warmup against LARS (with and without warmup)
-and SGD with warmup, at the evidence study's setting and learning rates.
+"""The main job: CLARS without warmup against LARS with and without warmup,
+at the evidence study's setting and learning rates.
 
     .venv/bin/python -m recipes.compare          # what `make demo` runs
 
@@ -9,7 +9,12 @@ micro-batches of b = 256, 12 epochs, eta 0.01, warmup 2 epochs where a
 method has it), at the peak learning rate the study chose on its validation
 split, read from docs/results/chosen.json. Until the study has tuned a
 method, the job uses a provisional rate and says so, with where it came
-from. Seed 1 (a seed of the study's finals, never used for tuning).
+from. Seed 1 (a seed of the study's finals, never used for tuning), so
+each row can be checked against the study's finals, whose mean ± std over
+seeds 1-3 it prints beside it. SGD with warmup (`--methods=...,sgd`) and
+CLARS with per-example norms (`clars_per_example`) are opt-in: each run
+takes about 2.5 minutes on a 2-core machine, and the default three fit in
+10 minutes of training.
 
 Prints a table (best validation accuracy over the epochs, final validation
 accuracy, and the test accuracy, evaluated once at the end) and writes
@@ -38,7 +43,7 @@ METHODS = {
     "sgd": f"B{_B}_sgd_warmup_b{_b}",
     "clars_per_example": f"B{_B}_clars_nowarmup_b1",
 }
-DEFAULT_METHODS = ("clars", "lars", "lars_nowarmup", "sgd")
+DEFAULT_METHODS = ("clars", "lars_nowarmup", "lars")
 _FIRST_STUDY = (
     "provisional: the first study's choice on validation (commit 355c1f8; "
     "B=4096, b=256, eta 0.01, 3-epoch tuning, 4 warmup updates; its records "
@@ -77,19 +82,25 @@ Notes:
   CLARS use trust coefficient 0.01; biases and BatchNorm take the plain lr.
 - Best val. acc. is the best validation accuracy over the epochs; the test
   accuracy is evaluated once, at the end, and chooses nothing.
-- One seed: compare with the study's spread over seeds (docs/results/finals.md).
+- One seed (1, one of the study's final seeds): "study best val" is the
+  study's mean ± std of the best validation accuracy over seeds 1-3 at the
+  same lr (docs/results/finals.md); a row outside it by much is worth a look.
+- The claim tested: CLARS without warmup against LARS with warmup; LARS
+  without warmup shows what warmup buys here. SGD with warmup is opt-in
+  (--methods=clars,lars_nowarmup,lars,sgd); the study has it.
 """
 
 
 def learning_rate(curve, chosen_path):
-    """(peak lr, where it came from) for a study curve."""
+    """(peak lr, where it came from, the study's finals or None) for a curve."""
     if chosen_path and os.path.exists(chosen_path):
         with open(chosen_path) as f:
             chosen = json.load(f)
         entry = chosen.get(curve)
         if entry and entry.get("state") == "tuned":
-            return entry["peak_lr"], f"study, chosen on validation ({chosen_path})"
-    return PROVISIONAL[curve]
+            return (entry["peak_lr"], f"study, chosen on validation ({chosen_path})",
+                    entry.get("finals"))
+    return (*PROVISIONAL[curve], None)
 
 
 def _override(config, overrides):
@@ -116,13 +127,13 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
     results = []
     for method in methods:
         curve = PLAN.curve(METHODS[method])
-        lr, source = learning_rate(curve.name, chosen_path)
+        lr, source, study_finals = learning_rate(curve.name, chosen_path)
         # One line per epoch (the study itself trains silently).
         config = _override(PLAN.config(curve, lr, seed), ["verbose=2", *overrides])
         print(f"\n=== {method}: peak lr {lr:g} ({source})", flush=True)
         result = train.run(config)
         results.append({"method": method, "curve": curve.name, "lr_source": source,
-                        "record": result["record"]})
+                        "study_finals": study_finals, "record": result["record"]})
     if output_dir:
         from keras_clars.callbacks import _write_json_atomically
 
@@ -143,8 +154,9 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
 
 def table(results):
     """The results as a text table."""
-    header = (f"{'method':<18}{'warmup':>7}{'peak lr':>9}{'B':>6}{'b':>5}{'S':>6}"
-              f"{'best val acc':>14}{'final val':>10}{'test acc':>10}{'wall s':>8}  lr from")
+    header = (f"{'method':<15}{'warmup':>7}{'peak lr':>9}{'B':>6}{'b':>5}{'S':>6}"
+              f"{'best val acc':>14}{'final val':>10}{'test acc':>10}{'wall s':>8}"
+              f"{'study best val':>17}  lr from")
     lines = [header, "-" * (len(header) + 20)]
     for x in results:
         r = x["record"]
@@ -153,13 +165,16 @@ def table(results):
         best = max(range(len(values)), key=values.__getitem__) if values else 0
         test = r.get("test_accuracy")
         final = r.get("final_validation_accuracy")
+        spread = (x.get("study_finals") or {}).get("best_val")
+        study = (f"{100 * spread[0]:.2f} ± {100 * spread[1]:.2f}" if spread else
+                 "no finals yet")
         lines.append(
-            f"{x['method']:<18}{c['warmup_epochs']:>6g}e{c['base_lr']:>9g}"
+            f"{x['method']:<15}{c['warmup_epochs']:>6g}e{c['base_lr']:>9g}"
             f"{s['global_batch_B']:>6}{s['slice_size_b']:>5}{s['samples_S']:>6}"
             f"{100 * values[best]:>8.2f} (e{best + 1:>2})"
             f"{'' if final is None else f'{100 * final:.2f}':>10}"
             f"{'' if test is None else f'{100 * test:.2f}':>10}"
-            f"{r['wall_seconds']:>8.0f}  {x['lr_source']}"
+            f"{r['wall_seconds']:>8.0f}{study:>17}  {x['lr_source']}"
         )
     return "\n".join(lines)
 

@@ -407,6 +407,13 @@ def chosen_rates(plan, summary):
             "source": (f"recipes.study tuning on validation (seed {plan.tune_seed}, "
                        f"{plan.epochs} epochs), docs/results/runs/"),
         }
+        stats = _final_stats(entry)
+        if stats:  # the finals' spread, for the main job to compare against
+            out[name]["finals"] = {
+                "seeds": stats["seeds"],
+                **{k: list(stats[k]) for k in ("best_val", "final_val", "test")
+                   if stats[k] is not None},
+            }
     return out
 
 

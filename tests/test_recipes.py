@@ -330,7 +330,7 @@ def test_validation_run_with_per_example_norms_writes_its_record(tmp_path, capsy
 @pytest.mark.slow
 @needs_fashion
 def test_compare_writes_table_plot_and_json(tmp_path):
-    # Two methods and a tiny setting keep it short; the main job runs four.
+    # Two methods and a tiny setting keep it short; the main job runs three.
     results = compare.compare(
         ["clars", "lars_nowarmup"], chosen_path=str(tmp_path / "none.json"),
         overrides=["width=2", "batch_size=512", "steps_per_epoch=1", "epochs=2",
@@ -348,7 +348,9 @@ def test_compare_writes_table_plot_and_json(tmp_path):
         assert record["config"]["base_lr"] == compare.PROVISIONAL[r["curve"]][0]
     text = compare.table(results)
     assert text.splitlines()[2].startswith("clars")
-    assert "provisional" in text
+    assert "provisional" in text and "no finals yet" in text
+    results[0]["study_finals"] = {"seeds": [1, 2, 3], "best_val": [0.9, 0.0123]}
+    assert "90.00 ± 1.23" in compare.table(results).splitlines()[2]
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert [r["method"] for r in _read(tmp_path / "results.json")] == ["clars", "lars_nowarmup"]
 
@@ -356,11 +358,12 @@ def test_compare_writes_table_plot_and_json(tmp_path):
 def test_compare_reads_the_study_choice(tmp_path):
     path = tmp_path / "chosen.json"
     curve = compare.METHODS["lars"]
-    path.write_text(json.dumps({curve: {"peak_lr": 2.0, "state": "tuned"}}))
-    lr, source = compare.learning_rate(curve, str(path))
-    assert lr == 2.0 and "chosen on validation" in source
+    finals = {"seeds": [1, 2, 3], "best_val": [0.9, 0.01]}
+    path.write_text(json.dumps({curve: {"peak_lr": 2.0, "state": "tuned", "finals": finals}}))
+    lr, source, study_finals = compare.learning_rate(curve, str(path))
+    assert lr == 2.0 and "chosen on validation" in source and study_finals == finals
     path.write_text(json.dumps({curve: {"peak_lr": 2.0, "state": "incomplete"}}))
-    assert compare.learning_rate(curve, str(path)) == compare.PROVISIONAL[curve]
+    assert compare.learning_rate(curve, str(path)) == (*compare.PROVISIONAL[curve], None)
     with pytest.raises(ValueError, match="Unknown methods"):
         compare.compare(["adam"])
 
