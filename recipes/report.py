@@ -521,24 +521,34 @@ def plot_warmup_necessity(plan, summary, path):
                                 squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
+    # A 2-point difference must be visible: points below FLOOR (diverged or
+    # far off) are drawn on it as crosses.
+    floor = 60.0
     for ax, (title, names) in zip(axes.flat, panels):
+        top = 95.0
         for name in names:
             entry = summary.get(name)
             if not entry or not entry["tuning"]:
                 continue
             lrs = sorted(entry["tuning"])
             values = [100 * final_accuracy(entry["tuning"][lr]) for lr in lrs]
+            top = max(top, max(values) + 1)
             style = "-" if entry["curve"].warmup else "--"
-            line, = ax.plot(lrs, values, style, marker="o", label=entry["curve"].legend)
+            line, = ax.plot(lrs, [max(v, floor) for v in values], style, marker="o",
+                            label=entry["curve"].legend)
+            low = [lr for lr, v in zip(lrs, values) if v < floor]
+            ax.plot(low, [floor] * len(low), "x", markersize=11, markeredgewidth=2.5,
+                    color=line.get_color())
             if entry["chosen"] is not None:
                 ax.plot([entry["chosen"]],
                         [100 * final_accuracy(entry["tuning"][entry["chosen"]])],
                         "*", markersize=14, color=line.get_color())
         ax.set(xscale="log", xlabel="peak learning rate", title=title,
-               ylabel="final validation accuracy, %", ylim=(0, 100))
+               ylabel="final validation accuracy, %", ylim=(floor - 1, top))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    figure.suptitle(plan.description + " — star: chosen rate", fontsize=9)
+    figure.suptitle(plan.description + f" — star: chosen rate; x: below {floor:g}% "
+                    "(diverged or far off), drawn at the floor", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
