@@ -225,6 +225,15 @@ def _pairs(summary):
     return pairs
 
 
+def _one_or_spread(value, source):
+    """mean ± std of the finals, or the one tuning run's accuracy."""
+    if value is None:
+        return NOT_RUN
+    if source == "tuning":
+        return f"{100 * value[0]:.2f} (tuning seed only)"
+    return _pm(value)
+
+
 def warmup_table(plan, summary):
     """Where does dropping warmup cost >= LOSS_POINTS, or diverge?"""
     lines = [
@@ -246,8 +255,8 @@ def warmup_table(plan, summary):
             stats = _final_stats(entry)
             if stats:
                 values.append((stats["final_val"], "finals"))
-            elif entry["chosen"] is not None:
-                values.append(((final_accuracy(entry["tuning"][entry["chosen"]]), 0.0),
+            elif entry["chosen"] is not None:  # one run: no spread to show
+                values.append(((final_accuracy(entry["tuning"][entry["chosen"]]), None),
                                "tuning"))
             else:
                 values.append((None, ""))
@@ -267,7 +276,7 @@ def warmup_table(plan, summary):
                 where.append(f"{_lr(lr)} ({100 * (final_accuracy(b) - final_accuracy(a)):+.1f})")
         shared = set(warm["tuning"]) & set(cold["tuning"])
         lines.append(
-            f"| {label} | {_pm(w) if w else NOT_RUN} | {_pm(c) if c else NOT_RUN} | "
+            f"| {label} | {_one_or_spread(w, wsrc)} | {_one_or_spread(c, csrc)} | "
             f"{difference} | {loses} | "
             f"{', '.join(where) or ('none' if shared else NOT_RUN)} |"
         )
