@@ -530,7 +530,7 @@ def plot_warmup_necessity(plan, summary, path):
                                 squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    # A 2-point difference must be visible: points below FLOOR (diverged or
+    # A 2-point difference must be visible: points below `floor` (diverged or
     # far off) are drawn on it as crosses.
     floor = 60.0
     for ax, (title, names) in zip(axes.flat, panels):
