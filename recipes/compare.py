@@ -166,8 +166,7 @@ def table(results):
         test = r.get("test_accuracy")
         final = r.get("final_validation_accuracy")
         spread = (x.get("study_finals") or {}).get("best_val")
-        study = (f"{100 * spread[0]:.2f} ± {100 * spread[1]:.2f}" if spread else
-                 "no finals yet")
+        study = report._pm(spread) if spread else "no finals yet"
         lines.append(
             f"{x['method']:<15}{c['warmup_epochs']:>6g}e{c['base_lr']:>9g}"
             f"{s['global_batch_B']:>6}{s['slice_size_b']:>5}{s['samples_S']:>6}"

@@ -227,8 +227,6 @@ def _pairs(summary):
 
 def _one_or_spread(value, source):
     """mean ± std of the finals, or the one tuning run's accuracy."""
-    if value is None:
-        return NOT_RUN
     if source == "tuning":
         return f"{100 * value[0]:.2f} (tuning seed only)"
     return _pm(value)
