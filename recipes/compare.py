@@ -7,9 +7,9 @@ Each method is one `recipes.train.run` of the study's protocol
 (`recipes.study`: Fashion-MNIST pooled to 14x14, ResNet-8, B = 4096 in
 micro-batches of b = 256, 12 epochs, eta 0.01, warmup 2 epochs where a
 method has it), at the peak learning rate the study chose on its validation
-split, read from docs/results/chosen.json. Until the study has tuned a
-method, the job uses a provisional rate and says so, with where it came
-from. Seed 1 (a seed of the study's finals, never used for tuning), so
+split, read from docs/results/chosen.json; a method the study has not
+tuned is an error, unless `--override=base_lr=...` sets the rate (and
+"lr from" then says so). Seed 1 (a seed of the study's finals, never used for tuning), so
 each row can be checked against the study's finals, whose mean ± std over
 seeds 1-3 it prints beside it. SGD with warmup (`--methods=...,sgd`) and
 CLARS with per-example norms (`clars_per_example`) are opt-in: each run
@@ -44,21 +44,6 @@ METHODS = {
     "clars_per_example": f"B{_B}_clars_nowarmup_b1",
 }
 DEFAULT_METHODS = ("clars", "lars_nowarmup", "lars")
-_FIRST_STUDY = (
-    "provisional: the first study's choice on validation (commit 355c1f8; "
-    "B=4096, b=256, eta 0.01, 3-epoch tuning, 4 warmup updates; its records "
-    "are not in the repo)"
-)
-# Used only until docs/results/chosen.json has the curve, tuned.
-PROVISIONAL = {
-    METHODS["clars"]: (3.0, _FIRST_STUDY),
-    METHODS["lars"]: (3.0, _FIRST_STUDY),
-    METHODS["lars_nowarmup"]: (3.0, "provisional: LARS-with-warmup's value of the "
-                               "first study (it ran LARS without warmup only there)"),
-    METHODS["sgd"]: (0.5333, _FIRST_STUDY),
-    METHODS["clars_per_example"]: (3.0, "provisional and untuned: CLARS's value "
-                                   "(per-example norms were not in the first study)"),
-}
 CHOSEN = os.path.join("docs", "results", "chosen.json")
 SEED = 1
 
@@ -92,15 +77,22 @@ Notes:
 
 
 def learning_rate(curve, chosen_path):
-    """(peak lr, where it came from, the study's finals or None) for a curve."""
+    """(peak lr, where it came from, the study's finals or None) for a curve.
+
+    Raises ValueError if `chosen_path` has no tuned rate for the curve.
+    """
+    chosen = {}
     if chosen_path and os.path.exists(chosen_path):
         with open(chosen_path) as f:
             chosen = json.load(f)
-        entry = chosen.get(curve)
-        if entry and entry.get("state") == "tuned":
-            return (entry["peak_lr"], f"study, chosen on validation ({chosen_path})",
-                    entry.get("finals"))
-    return (*PROVISIONAL[curve], None)
+    entry = chosen.get(curve) or {}
+    if entry.get("state") != "tuned":
+        raise ValueError(
+            f"the study has not tuned {curve} (state in {chosen_path}: "
+            f"{entry.get('state', 'absent')}); run `python -m recipes.study tune "
+            f"--curves {curve}`, or set a rate with --override=base_lr=VALUE.")
+    return (entry["peak_lr"], f"study, chosen on validation ({chosen_path})",
+            entry.get("finals"))
 
 
 def _override(config, overrides):
@@ -127,10 +119,14 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
     results = []
     for method in methods:
         curve = PLAN.curve(METHODS[method])
-        lr, source, study_finals = learning_rate(curve.name, chosen_path)
+        set_lr = [o.partition("=")[2] for o in overrides if o.startswith("base_lr=")]
+        if set_lr:
+            lr, source, study_finals = float(set_lr[-1]), "--override, not the study's", None
+        else:
+            lr, source, study_finals = learning_rate(curve.name, chosen_path)
         # One line per epoch (the study itself trains silently).
         config = _override(PLAN.config(curve, lr, seed), ["verbose=2", *overrides])
-        print(f"\n=== {method}: peak lr {lr:g} ({source})", flush=True)
+        print(f"\n=== {method}: peak lr {config.base_lr:g} ({source})", flush=True)
         result = train.run(config)
         results.append({"method": method, "curve": curve.name, "lr_source": source,
                         "study_finals": study_finals, "record": result["record"]})

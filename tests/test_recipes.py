@@ -334,7 +334,7 @@ def test_compare_writes_table_plot_and_json(tmp_path):
     results = compare.compare(
         ["clars", "lars_nowarmup"], chosen_path=str(tmp_path / "none.json"),
         overrides=["width=2", "batch_size=512", "steps_per_epoch=1", "epochs=2",
-                   "eval_steps=1", "warmup_epochs=0"],
+                   "eval_steps=1", "warmup_epochs=0", "base_lr=3"],
         output_dir=str(tmp_path),
     )
     assert [r["method"] for r in results] == ["clars", "lars_nowarmup"]
@@ -344,11 +344,11 @@ def test_compare_writes_table_plot_and_json(tmp_path):
         assert record["summary"]["samples_S"] == 2  # 512 / b=256
         assert record["summary"]["final_updates"] == 2
         assert record["summary"]["eval_split"] == "validation"
-        assert r["lr_source"].startswith("provisional")
-        assert record["config"]["base_lr"] == compare.PROVISIONAL[r["curve"]][0]
+        assert r["lr_source"].startswith("--override")
+        assert record["config"]["base_lr"] == 3.0
     text = compare.table(results)
     assert text.splitlines()[2].startswith("clars")
-    assert "provisional" in text and "no finals yet" in text
+    assert "--override" in text and "no finals yet" in text
     results[0]["study_finals"] = {"seeds": [1, 2, 3], "best_val": [0.9, 0.0123]}
     assert "90.00 ± 1.23" in compare.table(results).splitlines()[2]
     assert (tmp_path / "compare.png").stat().st_size > 10_000
@@ -363,7 +363,10 @@ def test_compare_reads_the_study_choice(tmp_path):
     lr, source, study_finals = compare.learning_rate(curve, str(path))
     assert lr == 2.0 and "chosen on validation" in source and study_finals == finals
     path.write_text(json.dumps({curve: {"peak_lr": 2.0, "state": "incomplete"}}))
-    assert compare.learning_rate(curve, str(path)) == (*compare.PROVISIONAL[curve], None)
+    with pytest.raises(ValueError, match=f"not tuned {curve} .*incomplete.*base_lr"):
+        compare.learning_rate(curve, str(path))
+    with pytest.raises(ValueError, match="absent"):
+        compare.learning_rate(curve, str(tmp_path / "none.json"))
     with pytest.raises(ValueError, match="Unknown methods"):
         compare.compare(["adam"])
 
