@@ -70,16 +70,19 @@ def diverged(record):
 
 
 def _mean_std(values):
+    """(mean, sample std), std None for one value; None for none."""
     values = np.asarray([v for v in values if v is not None], dtype="float64")
     if not len(values):
         return None
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
 
 
 def _pm(value, scale=100.0, digits=2):
     if value is None:
         return NOT_RUN
     mean, std = value
+    if std is None:
+        return f"{scale * mean:.{digits}f} (one seed)"
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
@@ -317,6 +320,8 @@ def _compare(a, b, na, nb):
     its standard error and a verdict word."""
     (ma, sa), (mb, sb) = a, b
     d = 100 * (ma - mb)
+    if sa is None or sb is None:
+        return d, None, "not decided (one seed: no spread)"
     se = 100 * math.sqrt(sa**2 / na + sb**2 / nb)
     if d > 2 * se:
         word = "ahead"
@@ -364,7 +369,8 @@ def verdicts_table(plan, summary):
         if large is not None and word == "ahead":
             word += f"; {'a large margin' if d >= large else 'not a large margin'} " \
                     f"(large: ≥ {large:g} points)"
-        lines.append(f"| {claim} | {a} vs {b} | {d:+.2f} ± {se:.2f} | {word} |")
+        spread = "" if se is None else f" ± {se:.2f}"
+        lines.append(f"| {claim} | {a} vs {b} | {d:+.2f}{spread} | {word} |")
 
     row("1. CLARS needs no warmup", names["clars"], names["lars_warmup"])
     if names.get("clars_per_example"):

@@ -74,6 +74,16 @@ def test_bad_arguments_are_refused(capsys):
 # ------------------------------------------------- the committed report
 
 
+def test_one_seed_shows_no_spread_and_decides_nothing():
+    assert report._mean_std([0.5]) == (0.5, None)
+    assert report._pm(report._mean_std([0.5])) == "50.00 (one seed)"
+    assert report._pm(report._mean_std([0.5, 0.7])) == "60.00 ± 14.14"
+    d, se, word = report._compare((0.9, None), (0.8, 0.01), 1, 3)
+    assert round(d, 6) == 10 and se is None and word.startswith("not decided")
+    d, se, word = report._compare((0.9, 0.01), (0.8, 0.01), 3, 3)
+    assert word == "ahead" and se == pytest.approx(100 * (2 * 0.01**2 / 3) ** 0.5)
+
+
 def test_committed_tables_equal_the_regenerated_ones():
     plan = study.Plan()
     records = report.load_records(os.path.join(RESULTS, "runs"))
