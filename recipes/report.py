@@ -376,9 +376,13 @@ def verdicts_table(plan, summary):
     if names.get("clars_per_example"):
         row("1. CLARS needs no warmup (per-example norms)", names["clars_per_example"],
             names["lars_warmup"])
+    if names.get("clars_bigger"):
+        row("1. CLARS needs no warmup (larger B)", names["clars_bigger"],
+            names["lars_warmup_bigger"])
     row("2. CLARS beats gradual warmup by a large margin", names["clars"],
         names["sgd_warmup"], large=LOSS_POINTS)
-    for name in (names["clars"], names["lars_warmup"], names.get("clars_per_example")):
+    for name in (names["clars"], names["lars_warmup"], names.get("clars_per_example"),
+                 names.get("clars_bigger"), names.get("lars_warmup_bigger")):
         if not name or name not in summary:
             continue
         good = _good_range(summary[name])

@@ -180,6 +180,9 @@ class Plan:
             "lars_warmup": f"B{big}_lars_warmup_b{mb}",
             "sgd_warmup": f"B{big}_sgd_warmup_b{mb}",
         }
+        if not quick:  # claim 1 again, at the larger batch
+            self.claim_curves.update(clars_bigger=f"B{bigger}_clars_nowarmup_b{mb}",
+                                     lars_warmup_bigger=f"B{bigger}_lars_warmup_b{mb}")
         p = self.protocol
         self.description = (
             f"Fashion-MNIST {p['image_size']}x{p['image_size']}, ResNet-{p['depth']} "
