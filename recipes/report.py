@@ -541,13 +541,17 @@ def plot_warmup_necessity(plan, summary, path):
     # A 2-point difference must be visible: points below `floor` (diverged or
     # far off) are drawn on it as crosses.
     floor = 60.0
+    from matplotlib import ticker
+
     for ax, (title, names) in zip(axes.flat, panels):
         top = 95.0
+        ladder = set()
         for name in names:
             entry = summary.get(name)
             if not entry or not entry["tuning"]:
                 continue
             lrs = sorted(entry["tuning"])
+            ladder.update(lrs)
             values = [100 * final_accuracy(entry["tuning"][lr]) for lr in lrs]
             top = max(top, max(values) + 1)
             style = "-" if entry["curve"].warmup else "--"
@@ -562,6 +566,10 @@ def plot_warmup_necessity(plan, summary, path):
                         "*", markersize=14, color=line.get_color())
         ax.set(xscale="log", xlabel="peak learning rate", title=title,
                ylabel="final validation accuracy, %", ylim=(floor - 1, top))
+        if ladder:  # ticks at the rates run, as plain numbers
+            ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(ladder)))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(plan.description + f" — star: chosen rate; x: below {floor:g}% "
