@@ -9,9 +9,9 @@ micro-batches of b = 256, 12 epochs, eta 0.01, warmup 2 epochs where a
 method has it), at the peak learning rate the study chose on its validation
 split, read from docs/results/chosen.json; a method the study has not
 tuned is an error, unless `--override=base_lr=...` sets the rate (and
-"lr from" then says so). Seed 1 (a seed of the study's finals, never used for tuning), so
-each row can be checked against the study's finals, whose mean ± std over
-seeds 1-3 it prints beside it. SGD with warmup (`--methods=...,sgd`) and
+"lr from" then says so). Seed 1 (a seed of the study's finals, never used
+for tuning), so each row can be checked against the study's finals, whose
+mean ± std over seeds 1-3 it prints beside it. SGD with warmup (`--methods=...,sgd`) and
 CLARS with per-example norms (`clars_per_example`) are opt-in: each run
 takes about 2.5 minutes on a 2-core machine, and the default three fit in
 10 minutes of training.
@@ -116,10 +116,10 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
         raise ValueError(f"Unknown methods {unknown}; expected some of {', '.join(METHODS)}.")
     if full_size:
         overrides = ["image_size=28", *overrides]
+    set_lr = [o.partition("=")[2] for o in overrides if o.startswith("base_lr=")]
     results = []
     for method in methods:
         curve = PLAN.curve(METHODS[method])
-        set_lr = [o.partition("=")[2] for o in overrides if o.startswith("base_lr=")]
         if set_lr:
             lr, source, study_finals = float(set_lr[-1]), "--override, not the study's", None
         else:
