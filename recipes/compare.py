@@ -95,8 +95,8 @@ def learning_rate(curve, chosen_path):
             entry.get("finals"))
 
 
-def _override(config, overrides):
-    """`config` with `name=value` changes, typed as the `Config` field."""
+def _changes(overrides):
+    """{name: value} from `name=value` texts, typed as the `Config` field."""
     types = {f.name: f.type for f in dataclasses.fields(train.Config)}
     changes = {}
     for text in overrides:
@@ -105,7 +105,7 @@ def _override(config, overrides):
             raise ValueError(f"--override: no training flag {name!r} in {text!r}.")
         kind = types[name]
         changes[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return dataclasses.replace(config, **changes)
+    return changes
 
 
 def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_size=False,
@@ -116,17 +116,16 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
         raise ValueError(f"Unknown methods {unknown}; expected some of {', '.join(METHODS)}.")
     if full_size:
         overrides = ["image_size=28", *overrides]
-    set_lr = [o.partition("=")[2] for o in overrides if o.startswith("base_lr=")]
+    changes = _changes(["verbose=2", *overrides])  # one line per epoch
     results = []
     for method in methods:
         curve = PLAN.curve(METHODS[method])
-        if set_lr:
-            lr, source, study_finals = float(set_lr[-1]), "--override, not the study's", None
+        if "base_lr" in changes:
+            lr, source, study_finals = changes["base_lr"], "--override, not the study's", None
         else:
             lr, source, study_finals = learning_rate(curve.name, chosen_path)
-        # One line per epoch (the study itself trains silently).
-        config = _override(PLAN.config(curve, lr, seed), ["verbose=2", *overrides])
-        print(f"\n=== {method}: peak lr {config.base_lr:g} ({source})", flush=True)
+        config = dataclasses.replace(PLAN.config(curve, lr, seed), **changes)
+        print(f"\n=== {method}: peak lr {lr:g} ({source})", flush=True)
         result = train.run(config)
         results.append({"method": method, "curve": curve.name, "lr_source": source,
                         "study_finals": study_finals, "record": result["record"]})

@@ -77,12 +77,13 @@ def _mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
 
 
-def _pm(value, scale=100.0, digits=2):
+def _pm(value, scale=100.0, digits=2, single="one seed"):
+    """'mean ± std'; a value without spread says where it came from."""
     if value is None:
         return NOT_RUN
     mean, std = value
     if std is None:
-        return f"{scale * mean:.{digits}f} (one seed)"
+        return f"{scale * mean:.{digits}f} ({single})"
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
@@ -228,13 +229,6 @@ def _pairs(summary):
     return pairs
 
 
-def _one_or_spread(value, source):
-    """mean ± std of the finals, or the one tuning run's accuracy."""
-    if source == "tuning":
-        return f"{100 * value[0]:.2f} (tuning seed only)"
-    return _pm(value)
-
-
 def warmup_table(plan, summary):
     """Where does dropping warmup cost >= LOSS_POINTS, or diverge?"""
     lines = [
@@ -269,15 +263,17 @@ def warmup_table(plan, summary):
             difference = f"{d:+.2f}" + ("" if wsrc == csrc == "finals" else " (tuning seed)")
             loses = "yes" if d <= -LOSS_POINTS else "no"
         where = []
-        for lr in sorted(set(warm["tuning"]) & set(cold["tuning"])):
+        shared = set(warm["tuning"]) & set(cold["tuning"])
+        for lr in sorted(shared):
             a, b = warm["tuning"][lr], cold["tuning"][lr]
             if diverged(b) and not diverged(a):
                 where.append(f"{_lr(lr)} (diverged)")
             elif 100 * (final_accuracy(a) - final_accuracy(b)) >= LOSS_POINTS:
                 where.append(f"{_lr(lr)} ({100 * (final_accuracy(b) - final_accuracy(a)):+.1f})")
-        shared = set(warm["tuning"]) & set(cold["tuning"])
+        single = {"tuning": "tuning seed only"}
         lines.append(
-            f"| {label} | {_one_or_spread(w, wsrc)} | {_one_or_spread(c, csrc)} | "
+            f"| {label} | {_pm(w, single=single.get(wsrc, 'one seed'))} | "
+            f"{_pm(c, single=single.get(csrc, 'one seed'))} | "
             f"{difference} | {loses} | "
             f"{', '.join(where) or ('none' if shared else NOT_RUN)} |"
         )
@@ -531,6 +527,8 @@ def plot_warmup_necessity(plan, summary, path):
     """Final validation accuracy against peak learning rate, one panel per
     (B, family): where the warmup claim lives."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     panels = plan.figure_panels  # [(title, [curve names])]
     columns = min(2, len(panels))
     rows = -(-len(panels) // columns)
@@ -541,8 +539,6 @@ def plot_warmup_necessity(plan, summary, path):
     # A 2-point difference must be visible: points below `floor` (diverged or
     # far off) are drawn on it as crosses.
     floor = 60.0
-    from matplotlib import ticker
-
     for ax, (title, names) in zip(axes.flat, panels):
         top = 95.0
         ladder = set()
