@@ -61,6 +61,15 @@ ARGS_DOCSTRING = """
         gradient_accumulation_steps: k, an int >= 2, or None. The weights
             move on every k-th call to `apply()`, by the mean of the k
             micro-step gradients. Works under every tf.distribute strategy.
+        excluded_learning_rate: the rate of the variables that take no
+            trust ratio (biases, BatchNorm's gamma and beta, and those named
+            in `exclude_from_layer_adaptation`): a float >= 0, a
+            `LearningRateSchedule` (evaluated at the update index), or None
+            (default) to tie it to `learning_rate`, as MLPerf's LARS does.
+            Set it to tune the adapted layers' step (`learning_rate *
+            trust_coefficient * ||w|| / N`) without moving theirs: the
+            complete norm rescales the adapted layers' step (per example,
+            by about 10x) and nothing else's.
         **kwargs: the other arguments of `keras.optimizers.Optimizer`
             (`clipnorm`, `clipvalue`, `global_clipnorm`, `loss_scale_factor`,
             `name`). Clipping acts on each micro-step's all-reduced mean
@@ -107,6 +116,25 @@ def _checked(name, value, requirement, ok):
             f"{name} must be {requirement}; received {name}={value}."
         )
     return value
+
+
+def inner_optimizer(optimizer):
+    """`optimizer` without its `LossScaleOptimizer` wrappers, if any."""
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _rate_or_schedule(name, value):
+    """None, a `LearningRateSchedule`, or a float >= 0; else the ValueError."""
+    if value is None or isinstance(
+            value, keras.optimizers.schedules.LearningRateSchedule):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number >= 0, a LearningRateSchedule "
+                         f"or None; received {name}={value!r}.")
+    return _checked(name, value, ">= 0, a LearningRateSchedule or None",
+                    lambda x: x >= 0)
 
 
 def backend_paths():
@@ -247,6 +275,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
+        excluded_learning_rate=None,
         name=None,
         **kwargs,
     ):
@@ -255,6 +284,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         ):
             learning_rate = _checked("learning_rate", learning_rate, ">= 0",
                                      lambda x: x >= 0)
+        excluded_learning_rate = _rate_or_schedule(
+            "excluded_learning_rate", excluded_learning_rate)
         momentum = _checked("momentum", momentum, "in [0, 1)",
                             lambda x: 0 <= x < 1)
         trust_coefficient = _checked("trust_coefficient", trust_coefficient,
@@ -301,6 +332,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         self.trust_coefficient = trust_coefficient
         self.epsilon = epsilon
         self.nesterov = bool(nesterov)
+        self.excluded_learning_rate = excluded_learning_rate
         self._pending_sample_norms = None
         self._warned_one_sample = False
         self._no_adaptation_names = []
@@ -410,6 +442,13 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
             return schedule(self.iterations)
         return super()._get_current_learning_rate()
+
+    def _excluded_rate(self):
+        """The excluded variables' rate at this update, or None (tied)."""
+        rate = self.excluded_learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return rate(self.iterations)
+        return rate
 
     def layer_statistics(self):
         """Per-layer scalars of the last update, as Python floats.
@@ -532,10 +571,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             grads,
             complete_norms,
             ops.convert_to_tensor(self.learning_rate),
+            self._excluded_rate(),
         )
 
     def _update_phase(self, variables, indices, layers, grads, complete_norms,
-                      learning_rate):
+                      learning_rate, excluded_rate):
         """Clip, accumulate and, on an update micro-step, update all layers.
 
         `complete_norms` is this micro-step's N_l (a vector over the layers),
@@ -565,7 +605,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         steps = self.gradient_accumulation_steps
         if not steps:
             self._update(variables, indices, layers, grads, 1.0,
-                         complete_norms, learning_rate, None)
+                         complete_norms, (learning_rate, excluded_rate), None)
             return
         # Accumulate in place; the update micro-step reads the window's sums
         # and restarts them (TF: inside one `cond`, so the other k - 1
@@ -590,7 +630,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                     window_norms = ops.take(window_norms, indices)
                 window_norms = window_norms / steps
             self._update(variables, indices, layers, totals, 1.0 / steps,
-                         window_norms, learning_rate, mask)
+                         window_norms, (learning_rate, excluded_rate), mask)
             for accumulator in accumulators + (
                     [self._complete_norm_sums] if complete_norms is not None
                     else []):
@@ -603,8 +643,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         )
 
     def _update(self, variables, indices, layers, grads, gradient_scale,
-                complete_norms, learning_rate, mask):
+                complete_norms, rates, mask):
         """The update of the spec, with g_l = gradient_scale * grads[l].
+
+        `rates` is (gamma_t, the excluded variables' rate or None: gamma_t).
 
         Skipped whole, and counted, if any gradient (or given norm) is not
         finite: every assignment selects with the mask `apply` (no branch,
@@ -613,6 +655,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         boolean tensor (the generic path).
         """
         paths = backend_paths()
+        learning_rate, excluded_rate = rates
         gradient_norms = layers.norms(paths, grads)
         if gradient_scale != 1.0:
             gradient_norms = [gradient_scale * n for n in gradient_norms]
@@ -647,10 +690,13 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                                        beta, self.epsilon),
                 ops.ones_like(w_norm),
             )
+            rate = ops.cast(learning_rate, dtype) * ratio
+            if excluded_rate is not None:
+                rate = ops.where(is_adapted, rate,
+                                 ops.cast(excluded_rate, dtype))
             # Zero where the update is skipped: with `scale_tensor` (TF's
             # multiply_no_nan) even a non-finite gradient gives u = 0.
-            scale = ops.where(apply, ops.cast(learning_rate, dtype) * ratio,
-                              ops.zeros_like(ratio))
+            scale = ops.where(apply, rate, ops.zeros_like(ratio))
             gradient_scales.append(
                 scale if gradient_scale == 1.0 else scale * gradient_scale)
             decay_scales.append(scale * beta)
@@ -699,6 +745,12 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "trust_coefficient": self.trust_coefficient,
                 "epsilon": self.epsilon,
                 "nesterov": self.nesterov,
+                "excluded_learning_rate": (
+                    keras.saving.serialize_keras_object(
+                        self.excluded_learning_rate)
+                    if isinstance(self.excluded_learning_rate,
+                                  keras.optimizers.schedules.LearningRateSchedule)
+                    else self.excluded_learning_rate),
                 # Exclusions by name are configuration (spec); by variable
                 # identity they cannot be.
                 "exclude_from_layer_adaptation": list(self._no_adaptation_names),
@@ -712,6 +764,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         config = dict(config)
         no_adaptation = config.pop("exclude_from_layer_adaptation", None)
         no_decay = config.pop("exclude_from_weight_decay", None)
+        if isinstance(config.get("excluded_learning_rate"), dict):
+            config["excluded_learning_rate"] = (
+                keras.saving.deserialize_keras_object(
+                    config["excluded_learning_rate"],
+                    custom_objects=custom_objects))
         optimizer = super().from_config(config, custom_objects=custom_objects)
         if no_adaptation:
             optimizer.exclude_from_layer_adaptation(var_names=no_adaptation)

@@ -5,6 +5,8 @@ accuracy, and the stable range of learning rates, of LARS with warmup?
     .venv/bin/python -m recipes.study tune --max_runs 10
     .venv/bin/python -m recipes.study final
     .venv/bin/python -m recipes.study ablation
+    .venv/bin/python -m recipes.study break             # each curve's high end
+    .venv/bin/python -m recipes.study decoupled         # issue 19's protocol
     .venv/bin/python -m recipes.study report            # tables and figures, no training
     .venv/bin/python -m recipes.study                   # all of it, in that order
 
@@ -44,6 +46,15 @@ Protocol:
 - Finals: the chosen lr, seeds 1, 2 and 3 (none used for tuning).
 - Ablation: CLARS without warmup at B = 4096 with slices of b = 1 (exact
   per-example norms), 64, 256 and 1024, each with its own tuned lr.
+- Until it breaks (issue 19): after tuning, each curve runs up its ladder
+  (seed 0, phase "break") until a point diverges or is 5 points below the
+  curve's best, at most 4 points; if none breaks, its stable range is a
+  lower bound.
+- Decoupled protocol (issue 19): the biases' and BatchNorm's peak rate is
+  fixed at EXCLUDED_RATE (`--excluded_lr`, same warmup and decay) and the
+  ladder moves only the adapted layers' step (base_lr * eta * ||w|| / N);
+  LARS with and without warmup and CLARS at b = 1, 64, 256 and 1024, at
+  B = 4096, tuned as above, each window centred on its tied choice.
 """
 
 import argparse
@@ -58,8 +69,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from recipes import report  # noqa: E402
 
-PHASES = ("status", "tune", "final", "ablation", "report", "all")
+PHASES = ("status", "tune", "final", "ablation", "break", "decoupled",
+          "report", "all")
 ETA = 0.01
+# The decoupled protocol's peak rate of the variables without a trust ratio
+# (biases, BatchNorm), shared by its curves: the geometric middle of the
+# tied protocol's choices (LARS with warmup 2, without 4, CLARS 8 at B=4096).
+EXCLUDED_RATE = 4.0
+# A curve is run until it breaks: up its ladder, past the tuning window, until
+# a point diverges or falls this far below the curve's best, at most
+# BREAK_POINTS points (then its stable range is only a lower bound).
+BREAK_DROP = 0.05
+BREAK_POINTS = 4
 WARMUP_EPOCHS = 2
 # Fixed by the protocol; a run's method, B, b, warmup, lr and seed vary.
 PROTOCOL = dict(
@@ -93,11 +114,15 @@ class Curve:
     base: float
     start: int = 0
     ablation: bool = False
+    # The decoupled protocol: the peak rate of the variables without a trust
+    # ratio, fixed while the ladder moves only the adapted layers' step.
+    excluded: float = None
 
     @property
     def name(self):
         return (f"B{self.batch_size}_{self.method}_"
-                f"{'warmup' if self.warmup else 'nowarmup'}_b{self.slice_size}")
+                f"{'warmup' if self.warmup else 'nowarmup'}_b{self.slice_size}"
+                + ("" if self.excluded is None else f"_x{self.excluded:g}"))
 
     @property
     def samples(self):
@@ -114,7 +139,8 @@ class Curve:
     @property
     def legend(self):
         warm = "warmup" if self.warmup else "no warmup"
-        return f"{self.method.upper()}, {warm}, b={self.slice_size}"
+        rate = "" if self.excluded is None else f", excluded {self.excluded:g}"
+        return f"{self.method.upper()}, {warm}, b={self.slice_size}{rate}"
 
 
 class Plan:
@@ -163,13 +189,34 @@ class Plan:
                                    if c.method == "sgd"]),
                 (f"B={big}: LARS and CLARS (eta {ETA:g})",
                  [c.name for c in self.curves if c.method != "sgd"
-                  and c.batch_size == big and not c.ablation]),
+                  and c.batch_size == big and not c.ablation
+                  and c.excluded is None]),
                 (f"B={bigger}: LARS and CLARS (eta {ETA:g})",
                  [c.name for c in self.curves if c.batch_size == bigger]),
                 (f"B={big}: CLARS slice size b (no warmup)",
                  [c.name for c in self.curves if c.method == "clars"
-                  and c.batch_size == big]),
+                  and c.batch_size == big and c.excluded is None]),
+                (f"B={big}: decoupled, biases and BatchNorm at {EXCLUDED_RATE:g}",
+                 [c.name for c in self.curves if c.excluded is not None]),
             ]
+            # Issue 19: the decoupled protocol at B=4096, each window centred
+            # (before it ran) on the tied protocol's choice, 8x higher for
+            # per-example CLARS (coherence about a tenth of b=256's).
+            self.curves += [
+                Curve("clars", big, False, 1, mb, layerwise, start=4,
+                      excluded=EXCLUDED_RATE),
+                Curve("lars", big, False, mb, mb, layerwise, start=1,
+                      excluded=EXCLUDED_RATE),
+                Curve("lars", big, True, mb, mb, layerwise, start=1,
+                      excluded=EXCLUDED_RATE),
+                Curve("clars", big, False, mb, mb, layerwise, start=2,
+                      excluded=EXCLUDED_RATE),
+                Curve("clars", big, False, 64, 64, layerwise, start=3,
+                      excluded=EXCLUDED_RATE),
+                Curve("clars", big, False, 1024, 1024, layerwise, start=2,
+                      excluded=EXCLUDED_RATE),
+            ]
+            n = {c.name: c for c in self.curves}
             self.layer_statistics = [name for name in n if name in (
                 f"B{big}_lars_warmup_b{mb}", f"B{big}_clars_nowarmup_b{mb}",
                 f"B{big}_clars_nowarmup_b1")]
@@ -233,12 +280,17 @@ class Plan:
             micro_batch_size=curve.micro_batch,
             per_example_norms=curve.slice_size == 1,
             warmup_epochs=self.warmup_epochs if curve.warmup else 0.0,
-            base_lr=lr, seed=seed,
+            base_lr=lr, seed=seed, excluded_lr=curve.excluded,
         )
         if layer_statistics:
             fields.update(layer_stats_interval=1, layer_stats_path=os.path.join(
                 out, "layer_statistics", f"{key(curve, lr, seed)}.json"))
         return train.Config(**fields)
+
+
+def broken(accuracy, best):
+    """Whether a point ends a curve's stable range: diverged, or far below."""
+    return accuracy < report.DIVERGED_BELOW or accuracy <= best - BREAK_DROP
 
 
 def key(curve, lr, seed):
@@ -256,8 +308,10 @@ class Study:
         self.only = set(curves or ())
         self.done_now = 0
 
-    def selected(self, ablation):
-        return [c for c in self.plan.curves if c.ablation == ablation
+    def selected(self, ablation=None, decoupled=False):
+        return [c for c in self.plan.curves
+                if (ablation is None or c.ablation == ablation)
+                and (c.excluded is not None) == decoupled
                 and (not self.only or c.name in self.only)]
 
     def config(self, curve, lr, seed):
@@ -275,9 +329,11 @@ class Study:
         expected = {k: v for k, v in dataclasses.asdict(self.config(curve, lr, seed)).items()
                     if k not in IGNORED}
         stored = {k: v for k, v in done["config"].items() if k not in IGNORED}
-        if stored != expected:
-            changed = sorted(k for k in set(stored) | set(expected)
-                             if stored.get(k) != expected.get(k))
+        # A field added since the record was made (its default None, such as
+        # excluded_lr) is absent from it: the same run.
+        changed = sorted(k for k in set(stored) | set(expected)
+                         if stored.get(k) != expected.get(k))
+        if changed:
             raise ValueError(
                 f"{path} was made with a different configuration "
                 f"({', '.join(changed)}); delete it to rerun it.")
@@ -287,7 +343,8 @@ class Study:
         out = {}
         # Every point a window can reach.
         for i in range(curve.start - self.plan.max_slides,
-                       curve.start + self.plan.grid_points + self.plan.max_slides):
+                       curve.start + self.plan.grid_points + self.plan.max_slides
+                       + BREAK_POINTS):
             lr = self.plan.lr(curve, i)
             record = self.record(curve, lr, self.plan.tune_seed)
             if record is not None:
@@ -347,6 +404,25 @@ class Study:
             if self.execute(curve, chosen, seed, phase) is None:
                 return
 
+    def until_broken(self, curve):
+        """Runs up the ladder from the highest lr run, after tuning, until a
+        point breaks (see BREAK_DROP); the lr that broke, or None."""
+        if self.plan.tuning_state(curve, self.accuracies(curve))[2] is None:
+            print(f"{curve.name}: not tuned yet; its high end waits.", flush=True)
+            return None
+        while True:
+            accuracies = self.accuracies(curve)
+            top = max(accuracies)
+            if broken(accuracies[top], max(accuracies.values())):
+                return top
+            index = round(math.log2(top / curve.base)) + 1
+            limit = (curve.start + self.plan.grid_points + self.plan.max_slides
+                     + BREAK_POINTS)
+            if index >= limit or self.execute(
+                    curve, self.plan.lr(curve, index), self.plan.tune_seed,
+                    "break") is None:
+                return None
+
     def run(self, phases):
         for phase in phases:
             if phase == "tune":
@@ -358,6 +434,13 @@ class Study:
             elif phase == "ablation":
                 for curve in self.selected(ablation=True):
                     self.finals(curve, "ablation")
+            elif phase == "break":
+                for curve in self.selected():
+                    self.until_broken(curve)
+            elif phase == "decoupled":
+                for curve in self.selected(decoupled=True):
+                    self.tune(curve)
+                    self.until_broken(curve)
 
     def status(self):
         lines = []
@@ -383,7 +466,7 @@ def main(argv=None):
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("phases", nargs="*", metavar="phase",
                         help=f"one of {', '.join(PHASES)} (default: all = tune, "
-                        "final, ablation, report)")
+                        "final, ablation, break, decoupled, report)")
     parser.add_argument("--max_runs", type=int, default=None,
                         help="stop after this many new runs (resume later)")
     parser.add_argument("--curves", default="",
@@ -415,10 +498,10 @@ def main(argv=None):
         plan.curve(name)  # raises for an unknown name
     phases = args.phases or ["all"]
     if "all" in phases:
-        phases = ["tune", "final", "ablation", "report"]
+        phases = ["tune", "final", "ablation", "break", "decoupled", "report"]
     study = Study(plan, out, args.max_runs, curves)
     began = time.time()
-    study.run([p for p in phases if p in ("tune", "final", "ablation")])
+    study.run([p for p in phases if p not in ("status", "report")])
     if "report" in phases:
         for path in report.write_report(plan, out, img, results_md or None):
             print(f"wrote {path}")

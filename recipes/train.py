@@ -71,6 +71,7 @@ class Config:
     nesterov: bool = False
     weight_decay: float = 0.0
     trust_coefficient: float = 0.001
+    excluded_lr: float = None
     label_smoothing: float = 0.0
     epochs: int = 10
     steps_per_epoch: int = 0
@@ -130,6 +131,10 @@ HELP = {
     "weight_decay": "Weight decay, coupled (inside the update) for every "
     "optimizer. Never on biases and BatchNorm parameters.",
     "trust_coefficient": "eta of LARS and CLARS.",
+    "excluded_lr": "clars/lars: the peak rate (before --lr_scaling, same "
+    "warmup and decay) of the variables without a trust ratio (biases, "
+    "BatchNorm), set apart from --base_lr, which then sets only the adapted "
+    "layers' step base_lr * eta * ||w|| / N; unset: tied to --base_lr.",
     "label_smoothing": "Label smoothing of the cross-entropy.",
     "epochs": "Training epochs.",
     "steps_per_epoch": "Updates per epoch; 0: the training split / B.",
@@ -209,8 +214,10 @@ def validate(config):
                       ("checkpoint_steps", 0), ("logical_cpus", 0),
                       ("image_size", 0), ("batch_size", 1), ("epochs", 1),
                       ("layer_stats_interval", 0), ("validation_examples", 0),
-                      ("train_examples", 0)]:
+                      ("train_examples", 0), ("excluded_lr", 0)]:
         value = getattr(config, name)
+        if value is None:  # an optional flag left unset
+            continue
         if not value >= low:
             raise ValueError(f"--{name} must be >= {low}; received --{name}={value}.")
     if not config.label_smoothing < 1:
@@ -232,6 +239,11 @@ def validate(config):
             f"--depth must be 6n + 2 with n >= 1 (8, 14, 20, ...); received "
             f"--depth={config.depth}."
         )
+    if config.excluded_lr is not None and config.optimizer == "sgd":
+        raise ValueError(
+            "--excluded_lr needs --optimizer=clars or lars (SGD has one rate); "
+            "received --optimizer=sgd."
+        )
     if config.per_example_norms and config.optimizer != "clars":
         raise ValueError(
             "--per_example_norms needs --optimizer=clars (only CLARS takes sample "
@@ -244,7 +256,7 @@ def validate(config):
             f"fashion_mnist; received --dataset={config.dataset}."
         )
     # The optimizers check their own hyperparameters (momentum, ...).
-    make_optimizer(config, config.base_lr)
+    make_optimizer(config, config.base_lr, excluded_learning_rate=config.excluded_lr)
 
 
 def batch_layout(batch_size, micro_batch_size, replicas):
@@ -284,11 +296,13 @@ class MomentumSGD(keras_clars.LARS):
         return False
 
 
-def make_optimizer(config, learning_rate, accumulation_steps=1):
+def make_optimizer(config, learning_rate, accumulation_steps=1,
+                   excluded_learning_rate=None):
     """The optimizer of `config`: CLARS, LARS or `MomentumSGD`.
 
     All three take weight decay coupled, in their update, and none decays
-    variables of rank <= 1.
+    variables of rank <= 1. `excluded_learning_rate` (LARS, CLARS) sets the
+    rate of the variables without a trust ratio apart from `learning_rate`.
     """
     k = accumulation_steps if accumulation_steps > 1 else None
     decay = config.weight_decay or None
@@ -298,6 +312,8 @@ def make_optimizer(config, learning_rate, accumulation_steps=1):
         learning_rate, momentum=config.momentum,
         trust_coefficient=config.trust_coefficient, weight_decay=decay,
         nesterov=config.nesterov, gradient_accumulation_steps=k,
+        **({} if excluded_learning_rate is None
+           else {"excluded_learning_rate": excluded_learning_rate}),
     )
 
 
@@ -530,6 +546,12 @@ def run(config, strategy=None):
     schedule = schedules.WarmupDecay(
         peak, total, warmup, config.schedule, power=config.poly_power
     )
+    excluded_peak = excluded_schedule = None
+    if config.excluded_lr is not None:
+        excluded_peak = schedules.scaled_learning_rate(
+            config.excluded_lr, config.batch_size, config.lr_scaling)
+        excluded_schedule = schedules.WarmupDecay(
+            excluded_peak, total, warmup, config.schedule, power=config.poly_power)
     size = image_size(config, train_source)
     # Per-example norms: every example of the batch is a sample.
     b, S = (1, config.batch_size) if config.per_example_norms else (micro, samples)
@@ -539,6 +561,7 @@ def run(config, strategy=None):
         "per_example_norms": config.per_example_norms,
         "updates_per_epoch": updates, "micro_steps_per_epoch": steps,
         "total_updates": total, "warmup_updates": warmup, "peak_lr": peak,
+        "excluded_peak_lr": peak if excluded_peak is None else excluded_peak,
         "image_size": size, "train_examples": train_source.num_examples,
         "eval_split": "validation" if config.validation_examples else "test",
         "eval_examples": eval_source.num_examples,
@@ -552,7 +575,9 @@ def run(config, strategy=None):
         f"{config.optimizer}: B={config.batch_size} = {replicas} replicas x "
         f"b={micro} (slice size) x k={k} micro-steps; {samples_text}. "
         f"{updates} updates/epoch ({steps} micro-steps, "
-        f"what the progress bar counts), {total} updates; peak lr {peak:g}, "
+        f"what the progress bar counts), {total} updates; peak lr {peak:g}"
+        + ("" if excluded_peak is None else
+           f" (biases and BatchNorm: {excluded_peak:g})") + ", "
         f"{warmup} warmup updates, {config.schedule} decay.", flush=True,
     )
 
@@ -566,7 +591,7 @@ def run(config, strategy=None):
         if config.per_example_norms:
             model = keras_clars.per_example_norms(model)
         model.compile(
-            optimizer=make_optimizer(config, schedule, k),
+            optimizer=make_optimizer(config, schedule, k, excluded_schedule),
             loss=keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=config.label_smoothing
             ),

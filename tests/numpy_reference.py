@@ -68,7 +68,7 @@ def reference_update(weights, velocities, samples, *, learning_rate,
                      complete, momentum=0.9, trust_coefficient=0.001,
                      weight_decay=None, epsilon=0.0, nesterov=False,
                      adapted=None, decayed=None, sample_norms=None,
-                     gradients=None):
+                     gradients=None, excluded_learning_rate=None):
     """One update of the spec, in float64.
 
     Args:
@@ -85,6 +85,8 @@ def reference_update(weights, velocities, samples, *, learning_rate,
             (CLARS with norms computed elsewhere).
         gradients: optional per-layer mean gradient g_l replacing the
             samples' mean (clipped micro-steps: see `clip_micro_step`).
+        excluded_learning_rate: the rate of the layers that are not
+            adapted (a float for this update); None: `learning_rate`.
 
     Returns:
         `(new_weights, new_velocities, statistics)`, statistics a list of
@@ -114,7 +116,10 @@ def reference_update(weights, velocities, samples, *, learning_rate,
                 n + beta * weight_norm + epsilon)
         else:
             ratio = 1.0
-        u = learning_rate * ratio * (g + beta * w)
+        rate = learning_rate * ratio
+        if not adapted[l] and excluded_learning_rate is not None:
+            rate = excluded_learning_rate
+        u = rate * (g + beta * w)
         v = momentum * v + u
         step = momentum * v + u if nesterov else v
         new_weights.append(w - step)
@@ -161,7 +166,8 @@ def clip_micro_step(samples, *, clipnorm=None, clipvalue=None,
 
 def reference_run(weights, micro_steps, *, steps=None, learning_rate,
                   complete, clipnorm=None, clipvalue=None,
-                  global_clipnorm=None, **kwargs):
+                  global_clipnorm=None, excluded_learning_rate=None,
+                  **kwargs):
     """Runs micro-steps with fixed gradients, as `optimizer.apply` would.
 
     Args:
@@ -175,6 +181,8 @@ def reference_run(weights, micro_steps, *, steps=None, learning_rate,
         complete: True for CLARS, False for LARS.
         clipnorm, clipvalue, global_clipnorm: Keras's clipping, applied to
             each micro-step's mean gradient (`clip_micro_step`).
+        excluded_learning_rate: None (tied), a float, or a callable of the
+            update index, like `learning_rate`.
         **kwargs: the other arguments of `reference_update`.
 
     Returns:
@@ -187,6 +195,9 @@ def reference_run(weights, micro_steps, *, steps=None, learning_rate,
     k = steps or 1
     schedule = learning_rate if callable(learning_rate) else (
         lambda t: learning_rate)
+    excluded = excluded_learning_rate
+    if excluded is not None and not callable(excluded):
+        excluded = (lambda t: excluded_learning_rate)
     w = [np.asarray(x, np.float64) for x in weights]
     v = [np.zeros_like(x) for x in w]
     out = {"weights": [], "velocities": [], "statistics": None,
@@ -215,6 +226,8 @@ def reference_run(weights, micro_steps, *, steps=None, learning_rate,
                     if complete:
                         extra["sample_norms"] = np.mean(
                             [c[1] for c in clipped], axis=0)
+                if excluded is not None:
+                    extra["excluded_learning_rate"] = float(excluded(i // k))
                 w, v, out["statistics"] = reference_update(
                     w, v, window, learning_rate=rate, complete=complete,
                     **extra, **kwargs)

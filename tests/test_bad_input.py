@@ -28,6 +28,9 @@ BAD = [
     (dict(gradient_accumulation_steps=2.0), "gradient_accumulation_steps=2.0"),
     (dict(gradient_accumulation_steps="2"), "gradient_accumulation_steps='2'"),
     (dict(use_ema=True), "use_ema=True"),
+    (dict(excluded_learning_rate=-1.0), "excluded_learning_rate=-1.0"),
+    (dict(excluded_learning_rate="fast"), "excluded_learning_rate='fast'"),
+    (dict(excluded_learning_rate=True), "excluded_learning_rate=True"),
 ]
 
 
@@ -44,6 +47,7 @@ def test_bad_hyperparameters_raise(cls, kwargs, text):
 @pytest.mark.parametrize("kwargs", [
     dict(), dict(learning_rate=0.0), dict(momentum=0.0),
     dict(weight_decay=0.0), dict(gradient_accumulation_steps=2),
+    dict(excluded_learning_rate=0.0),
 ])
 def test_edge_values_are_accepted(kwargs):
     CLARS(**kwargs)

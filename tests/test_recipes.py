@@ -195,6 +195,8 @@ def test_named_configs_parse_and_validate(path):
     (dict(dataset="cifar10", validation_examples=100),
      "--validation_examples and --train_examples need --dataset=fashion_mnist"),
     (dict(depth=9), "--depth must be 6n \\+ 2 .* received --depth=9"),
+    (dict(excluded_lr=-1.0), "--excluded_lr must be >= 0; received --excluded_lr=-1.0"),
+    (dict(optimizer="sgd", excluded_lr=1.0), "--excluded_lr needs --optimizer=clars or lars"),
 ])
 def test_bad_flags_fail_fast(change, message):
     with pytest.raises(ValueError, match=message):

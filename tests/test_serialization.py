@@ -51,6 +51,23 @@ def test_config_round_trip(cls, schedule):
         assert again._learning_rate.get_config() == schedule.get_config()
 
 
+@pytest.mark.parametrize("excluded", list(SCHEDULES.values()),
+                         ids=list(SCHEDULES))
+@pytest.mark.parametrize("cls", [CLARS, LARS])
+def test_excluded_learning_rate_round_trip(cls, excluded):
+    optimizer = cls(learning_rate=0.1, excluded_learning_rate=excluded)
+    config = optimizer.get_config()
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert again.get_config() == config
+    if isinstance(excluded, float):
+        assert again.excluded_learning_rate == excluded
+    else:
+        assert type(again.excluded_learning_rate) is type(excluded)
+        assert again.excluded_learning_rate.get_config() == excluded.get_config()
+    assert cls.from_config(cls(learning_rate=0.1).get_config()
+                           ).excluded_learning_rate is None
+
+
 @pytest.mark.parametrize("name, cls", [("clars", CLARS), ("lars", LARS)])
 def test_string_names(name, cls):
     assert type(keras.optimizers.get(name)) is cls
