@@ -31,7 +31,7 @@ import time
 
 from absl import app, flags
 
-from recipes import report, study, train
+from recipes import plots, report, study, train
 
 PLAN = study.Plan()
 _B, _b = PLAN.ablation_batch, PLAN.micro_batch
@@ -136,7 +136,7 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
         _write_json_atomically(os.path.join(output_dir, "results.json"), results, indent=1)
         r = results[0]["record"]
         c = r["config"]
-        report.plot_epochs(
+        plots.plot_epochs(
             [(f"{x['method']} (lr {x['record']['config']['base_lr']:g})",
               x["record"]["epochs"]) for x in results],
             os.path.join(output_dir, "compare.png"),
@@ -161,7 +161,7 @@ def table(results):
         test = r.get("test_accuracy")
         final = r.get("final_validation_accuracy")
         spread = (x.get("study_finals") or {}).get("best_val")
-        study = report._pm(spread) if spread else "no finals yet"
+        study = report.plus_minus(spread) if spread else "no finals yet"
         lines.append(
             f"{x['method']:<15}{c['warmup_epochs']:>6g}e{c['base_lr']:>9g}"
             f"{s['global_batch_B']:>6}{s['slice_size_b']:>5}{s['samples_S']:>6}"

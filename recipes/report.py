@@ -1,21 +1,21 @@
-"""The recipes' one plotting and table module.
+"""The warmup-necessity study's report: its tables, verdicts and figures.
 
-- The warmup-necessity study's report (`recipes.study report` calls
-  `write_report`): markdown tables under docs/results/, the blocks of
-  docs/results.md between `<!-- report:NAME -->` markers, `chosen.json` (the
-  learning rates the main job uses) and the figures under docs/img/, all
-  from the per-run JSON records, with no training.
-- Epoch plots of a few runs (`plot_epochs`, used by `recipes.compare`).
-- Per-layer statistics heatmaps (`plot_layer_statistics`), from the JSON of
-  `keras_clars.callbacks.LayerStatisticsLogger`:
+`python -m recipes.study report` calls `write_report`: the markdown tables
+under docs/results/, the blocks of docs/results.md between
+`<!-- report:NAME -->` markers, `chosen.json` (the learning rates the main
+job uses) and the figures under docs/img/ (drawn by `recipes.plots`), all
+from the per-run JSON records, with no training. The study's summary of
+the records is built once (`summarize`) and every table reads it.
 
-      .venv/bin/python -m recipes.report layers runs/clars/layer_statistics.json \\
-          -o docs/img/layers_clars.png
+Verdicts are decided by a Welch t interval at 95% (`recipes.stats`): a
+difference counts only when its interval excludes 0, otherwise it is "not
+decided". A stable range is bounded only by a higher rate that broke (see
+`recipes.study.broken`); otherwise it is a lower bound.
 
 Reading records needs no TensorFlow; matplotlib is imported only to draw.
 """
 
-import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -24,24 +24,17 @@ import re
 
 import numpy as np
 
-DEFAULT_STATISTICS = ("coherence", "trust_ratio")
-# Most labels that fit; beyond this every n-th layer is labelled.
-MAX_LABELS = 60
+from recipes import plots, stats
+
 NOT_RUN = "not run yet"
 # A method "loses" to warmup at this many points of validation accuracy.
 LOSS_POINTS = 2.0
 # Below this validation accuracy a run counts as diverged (10 classes: 0.1
 # is chance; a NaN loss gives chance or worse).
 DIVERGED_BELOW = 0.2
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+# The stable range: the rates next to a curve's best within this many points.
+STABLE_POINTS = 1.0
+CONFIDENCE = f"{100 * stats.CONFIDENCE:g}%"
 
 
 # ------------------------------------------------------------ the records
@@ -69,16 +62,9 @@ def diverged(record):
     return final_accuracy(record) < DIVERGED_BELOW or loss is None or not math.isfinite(loss)
 
 
-def _mean_std(values):
-    """(mean, sample std), std None for one value; None for none."""
-    values = np.asarray([v for v in values if v is not None], dtype="float64")
-    if not len(values):
-        return None
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
-
-
-def _pm(value, scale=100.0, digits=2, single="one seed"):
-    """'mean ± std'; a value without spread says where it came from."""
+def plus_minus(value, scale=100.0, digits=2, single="one seed"):
+    """'mean ± std' of `stats.mean_std`; a value without spread says where it
+    came from."""
     if value is None:
         return NOT_RUN
     mean, std = value
@@ -91,6 +77,49 @@ def _lr(value):
     return f"{value:g}"
 
 
+@dataclasses.dataclass(frozen=True)
+class StableRange:
+    """The ladder rates next to a curve's best within STABLE_POINTS of it.
+
+    `broke`: the first higher rate that broke (diverged, or fell far below
+    the best; `Plan.broken`), or None: then nothing above `high` broke, and
+    the range is only a lower bound.
+    """
+
+    low: float
+    high: float
+    points: int
+    broke: float = None
+    top: float = None  # the highest rate run
+
+    @property
+    def bounded(self):
+        return self.broke is not None
+
+    def __str__(self):
+        points = f"{self.points} point{'s' * (self.points > 1)}"
+        if self.bounded:
+            return f"{_lr(self.low)} to {_lr(self.high)} ({points}; broke at {_lr(self.broke)})"
+        return (f"{_lr(self.low)} to ≥ {_lr(self.high)} (≥ {points}; lower bound: "
+                f"nothing broke up to {_lr(self.top)})")
+
+
+def stable_range(plan, tuning):
+    """The `StableRange` of a curve's tuning-seed runs {lr: record} (the
+    window, the points it slid past and the break runs)."""
+    accuracy = {lr: final_accuracy(r) for lr, r in tuning.items()}
+    best_lr = max(accuracy, key=lambda lr: (accuracy[lr], -lr))
+    best = accuracy[best_lr]
+    low = high = best_lr
+    while low / 2 in accuracy and accuracy[low / 2] >= best - STABLE_POINTS / 100:
+        low /= 2
+    while high * 2 in accuracy and accuracy[high * 2] >= best - STABLE_POINTS / 100:
+        high *= 2
+    broke = next((lr for lr in sorted(accuracy)
+                  if lr > high and plan.broken(accuracy[lr], best)), None)
+    return StableRange(low, high, round(math.log2(high / low)) + 1, broke, max(accuracy))
+
+
 def summarize(plan, records):
     """Collects the records per curve of a study plan.
 
@@ -100,9 +129,10 @@ def summarize(plan, records):
 
     Returns:
         A dict: curve name -> dict with `curve`, `tuning` (lr -> record of
-        the tuning seed), `window` (the lrs the choice is made among),
-        `state` (`tuned`, `incomplete`, `not run yet`), `chosen` (lr or None)
-        and `finals` (records of the final seeds at the chosen lr).
+        the tuning seed, every phase), `window` (the lrs the choice is made
+        among), `state` (`tuned`, `incomplete`, `not run yet`), `chosen` (lr
+        or None), `finals` (records of the final seeds at the chosen lr) and
+        `range` (`StableRange` once tuned, else None).
     """
     by_curve = {}
     for record in records:
@@ -116,8 +146,10 @@ def summarize(plan, records):
         finals = [r for r in runs if r["study"]["seed"] in plan.final_seeds
                   and chosen is not None and r["study"]["lr"] == chosen]
         finals.sort(key=lambda r: r["study"]["seed"])
-        out[curve.name] = {"curve": curve, "tuning": tuning, "window": window,
-                           "state": state, "chosen": chosen, "finals": finals}
+        out[curve.name] = {
+            "curve": curve, "tuning": tuning, "window": window, "state": state,
+            "chosen": chosen, "finals": finals,
+            "range": stable_range(plan, tuning) if chosen is not None else None}
     return out
 
 
@@ -127,13 +159,114 @@ def _final_stats(entry):
         return {}
     return {
         "seeds": [r["study"]["seed"] for r in finals],
-        "final_val": _mean_std([final_accuracy(r) for r in finals]),
-        "best_val": _mean_std([r.get("best_validation_accuracy") for r in finals]),
-        "test": _mean_std([r.get("test_accuracy") for r in finals]),
-        "coherence": _mean_std([r.get("first_update_coherence") for r in finals]),
-        "run_seconds": _mean_std([r.get("wall_seconds") for r in finals]),
+        "values": [final_accuracy(r) for r in finals],
+        "final_val": stats.mean_std([final_accuracy(r) for r in finals]),
+        "best_val": stats.mean_std([r.get("best_validation_accuracy") for r in finals]),
+        "test": stats.mean_std([r.get("test_accuracy") for r in finals]),
+        "coherence": stats.mean_std([r.get("first_update_coherence") for r in finals]),
+        "run_seconds": stats.mean_std([r.get("wall_seconds") for r in finals]),
         "diverged": sum(diverged(r) for r in finals),
     }
+
+
+def _tuned(entry):
+    """(final accuracies, their source) at a curve's chosen rate: the finals,
+    or the tuning seed's one run; ([], NOT_RUN) before it is tuned."""
+    if entry["finals"]:
+        return [final_accuracy(r) for r in entry["finals"]], "finals"
+    if entry["chosen"] is not None:
+        return [final_accuracy(entry["tuning"][entry["chosen"]])], "tuning seed only"
+    return [], NOT_RUN
+
+
+def _like(a, b):
+    """(values of a, values of b, source): the finals of both if both have
+    them, else the tuning seed's run at each chosen rate."""
+    (va, sa), (vb, sb) = _tuned(a), _tuned(b)
+    if sa == sb == "finals":
+        return va, vb, "finals"
+    if a["chosen"] is None or b["chosen"] is None:
+        return [], [], NOT_RUN
+    return ([final_accuracy(a["tuning"][a["chosen"]])],
+            [final_accuracy(b["tuning"][b["chosen"]])], "tuning seed only")
+
+
+def _compared(a, b):
+    """Two curves at their chosen rates, compared alike (`_like`): the text
+    of each, and the difference a - b as `difference` gives it."""
+    va, vb, source = _like(a, b)
+    cells = []
+    for entry, values in ((a, va), (b, vb)):
+        values, single = (values, source) if values else _tuned(entry)
+        cells.append(plus_minus(stats.mean_std(values), single=single)
+                     if values else entry["state"])
+    text, interval = difference(va, vb)
+    if source == "tuning seed only":
+        text += " (tuning seed)"
+    return cells, text, interval
+
+
+def difference(a, b):
+    """(text, interval or None) of mean(a) - mean(b), in points: the
+    difference and its Welch 95% interval, or why there is none."""
+    if not a or not b:
+        return NOT_RUN, None
+    d = 100 * (np.mean(a) - np.mean(b))
+    interval = stats.welch(a, b)
+    if interval is None:
+        return f"{d:+.2f} (one seed: no interval)", None
+    i = interval.scaled(100)
+    return (f"{i.difference:+.2f} ({CONFIDENCE}: {i.low:+.2f} to {i.high:+.2f}, "
+            f"df {i.df:.1f})"), i
+
+
+def verdict(interval):
+    """ahead / behind, or not decided: the interval contains 0."""
+    if interval is None:
+        return "not decided (one seed)"
+    return {1: "ahead", -1: "behind"}.get(
+        interval.sign, f"not decided (the {CONFIDENCE} interval contains 0)")
+
+
+def _beyond(interval, threshold, yes, no):
+    """Whether a difference is past `threshold` (negative: below it)."""
+    if interval is None:
+        return "not decided (one seed)"
+    sign = 1 if threshold > 0 else -1
+    low, high = sorted((sign * interval.low, sign * interval.high))
+    if low >= abs(threshold):
+        return yes
+    if high < abs(threshold):
+        return no
+    return f"not decided (the {CONFIDENCE} interval spans {threshold:+g} points)"
+
+
+def compare_ranges(a, b):
+    """Is stable range `a` wider than `b`? Only bounded ranges count: a lower
+    bound decides only when it already exceeds the other, bounded, range."""
+    if a is None or b is None:
+        return NOT_RUN
+    if a.bounded and b.bounded:
+        return ("as wide" if a.points == b.points
+                else "wider" if a.points > b.points else "narrower")
+    if a.bounded and a.points < b.points:
+        return "narrower"
+    if b.bounded and b.points < a.points:
+        return "wider"
+    return "not decided (a range that never broke is only a lower bound)"
+
+
+def _protocol(curve):
+    return "tied" if curve.excluded is None else f"decoupled (excluded {curve.excluded:g})"
+
+
+def _high_end(entry):
+    r = entry["range"]
+    if r is None:
+        return entry["state"]
+    if r.bounded:
+        return f"broke at {_lr(r.broke)}"
+    return f"not broken up to {_lr(r.top)} (lower bound)"
 
 
 # ------------------------------------------------------------- the tables
@@ -142,14 +275,19 @@ def _final_stats(entry):
 def tuning_table(plan, summary):
     lines = [
         f"Tuning: final (epoch {plan.epochs}) validation accuracy, % (seed "
-        f"{plan.tune_seed}), for each peak learning rate. **Bold**: chosen "
-        f"(the best of the {plan.grid_points} points in the window); "
-        "(parenthesized): run, outside the window after it slid; "
-        "†: diverged (validation accuracy below "
-        f"{100 * DIVERGED_BELOW:.0f}% or a non-finite loss).",
+        f"{plan.tune_seed}), for each peak learning rate (decoupled curves: the "
+        "adapted layers' rate, the biases and BatchNorm staying at the excluded "
+        f"rate). **Bold**: chosen (the best of the {plan.grid_points} points in the "
+        "window); (parenthesized): run, outside the window after it slid; ‡: a "
+        "break run (up the ladder past the window, until a point diverges or is "
+        f"{100 * plan.break_drop:g} points below the curve's best); †: diverged "
+        f"(validation accuracy below {100 * DIVERGED_BELOW:.0f}% or a non-finite "
+        "loss). High end: the rate that broke, or the highest run if none did (then "
+        "the stable range is only a lower bound).",
         "",
-        "| curve | B | b | warmup | state | peak lr → validation accuracy % |",
-        "|---|---|---|---|---|---|",
+        "| curve | B | b | warmup | excluded rate | state | peak lr → validation "
+        "accuracy % | high end |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in summary.items():
         curve = entry["curve"]
@@ -159,6 +297,8 @@ def tuning_table(plan, summary):
             text = f"{_lr(lr)}: {100 * final_accuracy(record):.1f}"
             if diverged(record):
                 text += "†"
+            if record["study"].get("phase") == "break":
+                text += "‡"
             if lr == entry["chosen"]:
                 text = f"**{text}**"
                 if lr in (entry["window"][0], entry["window"][-1]):
@@ -169,10 +309,11 @@ def tuning_table(plan, summary):
         missing = [lr for lr in entry["window"] if lr not in entry["tuning"]]
         if missing:
             cells.append(f"to run: {', '.join(_lr(v) for v in missing)}")
+        excluded = "= peak lr" if curve.excluded is None else f"{curve.excluded:g}"
         lines.append(
             f"| {name} | {curve.batch_size} | {curve.slice_label} | "
-            f"{'yes' if curve.warmup else 'no'} | {entry['state']} | "
-            f"{' · '.join(cells) or NOT_RUN} |"
+            f"{'yes' if curve.warmup else 'no'} | {excluded} | {entry['state']} | "
+            f"{' · '.join(cells) or NOT_RUN} | {_high_end(entry)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -193,90 +334,86 @@ def finals_table(plan, summary):
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in summary.items():
-        curve, stats = entry["curve"], _final_stats(entry)
+        curve, s = entry["curve"], _final_stats(entry)
         chosen = _lr(entry["chosen"]) if entry["chosen"] is not None else NOT_RUN
-        if not stats:
+        if not s:
             lines.append(
                 f"| {name} | {curve.batch_size} | {curve.layout} | "
                 f"{'yes' if curve.warmup else 'no'} | {chosen} | "
                 f"{NOT_RUN} | | | | | | |")
             continue
-        coherence = stats["coherence"]
+        coherence = s["coherence"]
         lines.append(
             f"| {name} | {curve.batch_size} | {curve.layout} | "
             f"{'yes' if curve.warmup else 'no'} | {chosen} | "
-            f"{', '.join(map(str, stats['seeds']))} | {_pm(stats['final_val'])} | "
-            f"{_pm(stats['best_val'])} | {_pm(stats['test'])} | {stats['diverged']} | "
+            f"{', '.join(map(str, s['seeds']))} | {plus_minus(s['final_val'])} | "
+            f"{plus_minus(s['best_val'])} | {plus_minus(s['test'])} | {s['diverged']} | "
             f"{'' if coherence is None else f'{coherence[0]:.3f}'} | "
-            f"{stats['run_seconds'][0]:.0f} |"
+            f"{s['run_seconds'][0]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _pairs(summary):
-    """(label, curve with warmup, curve without) for each method and B."""
+    """(label, curve with warmup, curve without) for each method, B and
+    protocol."""
     pairs = []
-    for name, entry in summary.items():
-        curve = entry["curve"]
-        if curve.warmup:
-            for other, other_entry in summary.items():
-                o = other_entry["curve"]
-                if (not o.warmup and o.method == curve.method
-                        and o.batch_size == curve.batch_size
-                        and o.slice_size == curve.slice_size):
-                    pairs.append((f"{curve.method.upper()}, B={curve.batch_size}",
-                                  entry, other_entry))
+    for entry in summary.values():
+        c = entry["curve"]
+        if not c.warmup:
+            continue
+        for other in summary.values():
+            o = other["curve"]
+            if not o.warmup and ((o.method, o.batch_size, o.slice_size, o.excluded)
+                                 == (c.method, c.batch_size, c.slice_size, c.excluded)):
+                label = f"{c.method.upper()}, B={c.batch_size}"
+                if c.method != "sgd":
+                    label += f", {_protocol(c)}"
+                pairs.append((label, entry, other))
     return pairs
+
+
+WARMUP_HEADER = [
+    "| method, B, protocol | tuned: with warmup | tuned: without | difference "
+    f"without − with (points, {CONFIDENCE} interval) | loses ≥ {LOSS_POINTS:g} "
+    f"points tuned? | same rate: loses ≥ {LOSS_POINTS:g} points or diverges at | "
+    "high end: with / without |",
+    "|---|---|---|---|---|---|---|",
+]
+
+
+def _warmup_row(label, warm, cold):
+    (without, with_), text, interval = _compared(cold, warm)
+    loses = NOT_RUN if text == NOT_RUN else _beyond(interval, -LOSS_POINTS, "yes", "no")
+    where = []
+    shared = set(warm["tuning"]) & set(cold["tuning"])
+    for lr in sorted(shared):
+        a, b = warm["tuning"][lr], cold["tuning"][lr]
+        if diverged(b) and not diverged(a):
+            where.append(f"{_lr(lr)} (diverged)")
+        elif 100 * (final_accuracy(a) - final_accuracy(b)) >= LOSS_POINTS:
+            where.append(f"{_lr(lr)} ({100 * (final_accuracy(b) - final_accuracy(a)):+.1f})")
+    return (f"| {label} | {with_} | {without} | {text} | {loses} | "
+            f"{', '.join(where) or ('none' if shared else NOT_RUN)} | "
+            f"{_high_end(warm)} / {_high_end(cold)} |")
 
 
 def warmup_table(plan, summary):
     """Where does dropping warmup cost >= LOSS_POINTS, or diverge?"""
     lines = [
-        f"Warmup necessity: without warmup against with it, same method and B. "
-        f"Tuned: each curve at its own chosen rate (finals: mean over seeds; "
-        f"tuning seed {plan.tune_seed} if the finals have not run). Same rate: "
-        f"the rates of the grid where the run without warmup is at least "
-        f"{LOSS_POINTS:g} points below the run with it, or diverged where that "
-        "did not.",
+        "Warmup necessity: without warmup against with it, same method, B and "
+        "protocol. Tuned: each curve at its own chosen rate (the finals, mean ± "
+        f"std over seeds, when both have them; else the tuning seed "
+        f"{plan.tune_seed}'s run at each chosen rate, which decides nothing). "
+        f"Loses: decided by the Welch {CONFIDENCE} interval of the difference "
+        f"(yes: it lies at or below -{LOSS_POINTS:g}; no: above). Same rate: "
+        f"the rates run by both (tuning seed) where the run without warmup is at "
+        f"least {LOSS_POINTS:g} points below the run with it, or diverged where "
+        "that did not. High end: as in the tuning table.",
         "",
-        "| method, B | tuned: with warmup | tuned: without | difference (points) | "
-        f"loses ≥ {LOSS_POINTS:g} points tuned? | same rate: loses ≥ "
-        f"{LOSS_POINTS:g} points or diverges at |",
-        "|---|---|---|---|---|---|",
+        *WARMUP_HEADER,
     ]
-    for label, warm, cold in _pairs(summary):
-        values = []
-        for entry in (warm, cold):
-            stats = _final_stats(entry)
-            if stats:
-                values.append((stats["final_val"], "finals"))
-            elif entry["chosen"] is not None:  # one run: no spread to show
-                values.append(((final_accuracy(entry["tuning"][entry["chosen"]]), None),
-                               "tuning"))
-            else:
-                values.append((None, ""))
-        (w, wsrc), (c, csrc) = values
-        if w is None or c is None:
-            difference, loses = NOT_RUN, NOT_RUN
-        else:
-            d = 100 * (c[0] - w[0])
-            difference = f"{d:+.2f}" + ("" if wsrc == csrc == "finals" else " (tuning seed)")
-            loses = "yes" if d <= -LOSS_POINTS else "no"
-        where = []
-        shared = set(warm["tuning"]) & set(cold["tuning"])
-        for lr in sorted(shared):
-            a, b = warm["tuning"][lr], cold["tuning"][lr]
-            if diverged(b) and not diverged(a):
-                where.append(f"{_lr(lr)} (diverged)")
-            elif 100 * (final_accuracy(a) - final_accuracy(b)) >= LOSS_POINTS:
-                where.append(f"{_lr(lr)} ({100 * (final_accuracy(b) - final_accuracy(a)):+.1f})")
-        single = {"tuning": "tuning seed only"}
-        lines.append(
-            f"| {label} | {_pm(w, single=single.get(wsrc, 'one seed'))} | "
-            f"{_pm(c, single=single.get(csrc, 'one seed'))} | "
-            f"{difference} | {loses} | "
-            f"{', '.join(where) or ('none' if shared else NOT_RUN)} |"
-        )
+    lines += [_warmup_row(*pair) for pair in _pairs(summary)]
     return "\n".join(lines) + "\n"
 
 
@@ -284,89 +421,68 @@ def ablation_table(plan, summary):
     rows = [e for e in summary.values()
             if e["curve"].method == "clars" and not e["curve"].warmup
             and e["curve"].batch_size == plan.ablation_batch]
-    rows.sort(key=lambda e: e["curve"].slice_size)
+    rows.sort(key=lambda e: (e["curve"].excluded is not None, e["curve"].slice_size))
     lines = [
         f"Slice-size ablation: CLARS without warmup at B={plan.ablation_batch}, "
         "each slice size b with its own rate tuned on validation (same grid "
-        "size). b = 1: exact per-example norms (micro-batches of "
+        "size), under each protocol (tied: one peak lr for everything; "
+        "decoupled: the biases and BatchNorm at a fixed rate, the tuned lr is "
+        "the adapted layers'). b = 1: exact per-example norms (micro-batches of "
         f"{plan.micro_batch}); otherwise b is the micro-batch, so BatchNorm's "
-        "batch changes with b too.",
+        "batch changes with b too. Stable range: as in the verdicts.",
         "",
-        "| b | S | peak lr | tuned val. acc. (seed 0) | final val. acc. | test acc. | "
-        "coherence, update 1 |",
-        "|---|---|---|---|---|---|---|",
+        "| protocol | b | S | peak lr | tuned val. acc. (seed 0) | final val. acc. | "
+        "test acc. | coherence, update 1 | stable range |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in rows:
-        curve, stats = e["curve"], _final_stats(e)
+        curve, s = e["curve"], _final_stats(e)
         tuned = (f"{100 * final_accuracy(e['tuning'][e['chosen']]):.2f}"
                  if e["chosen"] is not None else NOT_RUN)
-        coherence = stats.get("coherence") if stats else None
+        coherence = s.get("coherence") if s else None
         lines.append(
-            f"| {curve.slice_label} | {curve.samples} | "
+            f"| {_protocol(curve)} | {curve.slice_label} | {curve.samples} | "
             f"{_lr(e['chosen']) if e['chosen'] is not None else NOT_RUN} | {tuned} | "
-            f"{_pm(stats['final_val']) if stats else NOT_RUN} | "
-            f"{_pm(stats['test']) if stats else NOT_RUN} | "
-            f"{'' if coherence is None else f'{coherence[0]:.3f}'} |"
+            f"{plus_minus(s['final_val']) if s else NOT_RUN} | "
+            f"{plus_minus(s['test']) if s else NOT_RUN} | "
+            f"{'' if coherence is None else f'{coherence[0]:.3f}'} | "
+            f"{e['range'] or NOT_RUN} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _compare(a, b, na, nb):
-    """Mean difference of two final stats (over na and nb seeds), in points,
-    its standard error and a verdict word."""
-    (ma, sa), (mb, sb) = a, b
-    d = 100 * (ma - mb)
-    if sa is None or sb is None:
-        return d, None, "not decided (one seed: no spread)"
-    se = 100 * math.sqrt(sa**2 / na + sb**2 / nb)
-    if d > 2 * se:
-        word = "ahead"
-    elif d < -2 * se:
-        word = "behind"
-    else:
-        word = "level (within twice the standard error of the difference)"
-    return d, se, word
-
-
-def _good_range(entry, points=1.0):
-    """The rates within `points` of the curve's best, as max/min factor."""
-    tuning = {lr: final_accuracy(r) for lr, r in entry["tuning"].items()
-              if lr in entry["window"]}
-    if len(tuning) < len(entry["window"]) or not tuning:
-        return None
-    best = max(tuning.values())
-    good = [lr for lr, v in tuning.items() if v >= best - points / 100]
-    return min(good), max(good), len(good)
-
-
 def verdicts_table(plan, summary):
-    def stats(name):
+    def stats_of(name):
         return _final_stats(summary[name]) if name in summary else {}
 
     names = plan.claim_curves
     lines = [
         f"Each claim, decided mechanically from the finals ({len(plan.final_seeds)} "
-        "seeds each) by "
-        "`recipes/report.py`: a difference counts when it exceeds twice its "
-        "standard error. Stable range: the rates of the tuning window within 1 "
-        "point of the curve's best.",
+        "seeds each, [finals](#finals)) by `recipes/report.py`: a difference counts "
+        f"only when its Welch {CONFIDENCE} interval (Welch-Satterthwaite df) "
+        "excludes 0; otherwise it is not decided. Stable range ([tuning](#tuning)): "
+        f"the ladder rates next to the curve's best within {STABLE_POINTS:g} point "
+        "of it, over every tuning-seed run; bounded only if a higher rate broke "
+        "(else a lower bound, ≥), and only bounded ranges are compared.",
         "",
-        "| claim | comparison | difference (points) | verdict |",
-        "|---|---|---|---|",
+        "| claim | comparison | numbers (%) | difference (points) | verdict |",
+        "|---|---|---|---|---|",
     ]
 
     def row(claim, a, b, large=None):
-        sa, sb = stats(a), stats(b)
+        sa, sb = stats_of(a), stats_of(b)
         if not sa or not sb:
-            lines.append(f"| {claim} | {a} vs {b} | {NOT_RUN} | {NOT_RUN} |")
+            lines.append(f"| {claim} | {a} vs {b} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
             return
-        d, se, word = _compare(sa["final_val"], sb["final_val"], len(sa["seeds"]),
-                               len(sb["seeds"]))
-        if large is not None and word == "ahead":
-            word += f"; {'a large margin' if d >= large else 'not a large margin'} " \
-                    f"(large: ≥ {large:g} points)"
-        spread = "" if se is None else f" ± {se:.2f}"
-        lines.append(f"| {claim} | {a} vs {b} | {d:+.2f}{spread} | {word} |")
+        text, interval = difference(sa["values"], sb["values"])
+        word = verdict(interval)
+        if large is not None and interval is not None and interval.sign > 0:
+            word += (f"; by a large margin (≥ {large:g} points)? "
+                     f"{_beyond(interval, large, 'yes', 'no')}")
+        lines.append(
+            f"| {claim} | {a} vs {b} | finals: {plus_minus(sa['final_val'])} vs "
+            f"{plus_minus(sb['final_val'])} (n = {len(sa['values'])}, "
+            f"{len(sb['values'])}) | {text} | {word} |")
 
     row("1. CLARS needs no warmup", names["clars"], names["lars_warmup"])
     if names.get("clars_per_example"):
@@ -377,23 +493,32 @@ def verdicts_table(plan, summary):
             names["lars_warmup_bigger"])
     row("2. CLARS beats gradual warmup by a large margin", names["clars"],
         names["sgd_warmup"], large=LOSS_POINTS)
-    for name in (names["clars"], names["lars_warmup"], names.get("clars_per_example"),
-                 names.get("clars_bigger"), names.get("lars_warmup_bigger")):
-        if not name or name not in summary:
-            continue
-        good = _good_range(summary[name])
-        text = NOT_RUN if good is None else (
-            f"{_lr(good[0])} to {_lr(good[1])} ({good[2]} of "
-            f"{len(summary[name]['window'])} points)")
-        lines.append(f"| 1. stable range | {name} | | {text} |")
+    ranged = [n for n in (names["clars"], names["lars_warmup"],
+                          names.get("clars_per_example"), names.get("clars_bigger"),
+                          names.get("lars_warmup_bigger")) if n and n in summary]
+    for name in ranged:
+        lines.append(f"| 1. stable range | {name} | tuning: "
+                     f"{len(summary[name]['tuning'])} rates run | | "
+                     f"{summary[name]['range'] or NOT_RUN} |")
+    for a, b in ((names["clars"], names["lars_warmup"]),
+                 (names.get("clars_per_example"), names["lars_warmup"]),
+                 (names.get("clars_bigger"), names.get("lars_warmup_bigger"))):
+        if a in summary and b in summary:
+            ra, rb = summary[a]["range"], summary[b]["range"]
+            points = "" if ra is None or rb is None else (
+                f"{'' if ra.bounded else '≥ '}{ra.points} vs "
+                f"{'' if rb.bounded else '≥ '}{rb.points} points")
+            lines.append(f"| 1. stable range, compared | {a} vs {b} | {points} | | "
+                         f"{compare_ranges(ra, rb)} |")
     # Claim 3: epochs until the validation accuracy (mean over the finals)
     # is within 1 point of LARS-with-warmup's final.
-    reference = stats(names["lars_warmup"])
+    reference = stats_of(names["lars_warmup"])
     for name in (names["clars"], names["lars_warmup"]):
         entry = summary.get(name)
         if not entry or not entry["finals"] or not reference:
             lines.append(f"| 3. converges faster than LARS with warmup | {name}: epochs "
-                         f"to within 1 point of LARS+warmup's final | | {NOT_RUN} |")
+                         f"to within 1 point of LARS+warmup's final | {NOT_RUN} | | "
+                         f"{NOT_RUN} |")
             continue
         curves = np.array([[e.get("val_accuracy") or 0.0 for e in r["epochs"]]
                            for r in entry["finals"]], dtype="float64").mean(axis=0)
@@ -401,9 +526,86 @@ def verdicts_table(plan, summary):
         reached = [i + 1 for i, v in enumerate(curves) if v >= target]
         lines.append(
             f"| 3. converges faster than LARS with warmup | {name}: epochs to "
-            f"within 1 point of LARS+warmup's final | | "
-            f"{reached[0] if reached else 'never'} of {len(curves)} "
-            f"(validation by epoch: {', '.join(f'{100 * v:.1f}' for v in curves)}) |")
+            f"within 1 point of LARS+warmup's final | validation by epoch, mean of "
+            f"the finals: {', '.join(f'{100 * v:.1f}' for v in curves)} | | "
+            f"{reached[0] if reached else 'never'} of {len(curves)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _twin(summary, curve):
+    """The tied-protocol curve of a decoupled one, or None."""
+    for entry in summary.values():
+        c = entry["curve"]
+        if c.excluded is None and (c.method, c.batch_size, c.warmup, c.slice_size) == (
+                curve.method, curve.batch_size, curve.warmup, curve.slice_size):
+            return entry
+    return None
+
+
+def decoupled_table(plan, summary):
+    """Issue 19's hypothesis: what warmup protects is the excluded variables
+    at their plain rate. Tied against decoupled at tuned optima and at equal
+    step, and warmup under each protocol."""
+    pairs = [(_twin(summary, e["curve"]), e) for e in summary.values()
+             if e["curve"].excluded is not None]
+    pairs = [(tied, dec) for tied, dec in pairs if tied is not None]
+    if not pairs:
+        return "No decoupled curves in this plan.\n"
+    rates = sorted({dec["curve"].excluded for _, dec in pairs})
+    lines = [
+        "Tied against decoupled. Tied: one peak lr for the adapted layers' step "
+        "(lr × eta × trust ratio) and for the plain rate of the biases and "
+        "BatchNorm; decoupled: the ladder moves only the layers' lr, the others "
+        f"stay at {', '.join(f'{r:g}' for r in rates)} (same warmup and decay). "
+        "Tuned optima: each curve at its own chosen rate (the finals if both "
+        f"have them, else the tuning seed {plan.tune_seed}'s run, which decides "
+        f"nothing); the difference's Welch {CONFIDENCE} interval decides. Stable "
+        "range and high end: as in the verdicts and the tuning table.",
+        "",
+        "| decoupled curve | tied: peak lr, val. acc. | decoupled: layers' peak lr, "
+        f"val. acc. | difference decoupled − tied (points, {CONFIDENCE} interval) | "
+        "verdict | stable range: tied | stable range: decoupled | decoupled range "
+        "against tied |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tied, dec in pairs:
+        cells, text, interval = _compared(dec, tied)
+        cells = [cell if e["chosen"] is None else f"{_lr(e['chosen'])}: {cell}"
+                 for e, cell in zip((dec, tied), cells)]
+        lines.append(
+            f"| {dec['curve'].name} | {cells[1]} | {cells[0]} | {text} | "
+            f"{NOT_RUN if text == NOT_RUN else verdict(interval)} | "
+            f"{tied['range'] or NOT_RUN} | "
+            f"{dec['range'] or NOT_RUN} | {compare_ranges(dec['range'], tied['range'])} |")
+    lines += [
+        "",
+        f"At equal step: the same layers' peak lr, seed {plan.tune_seed}, at every "
+        "rate both ran: tied → decoupled accuracy, % (difference, points; one "
+        "seed each: descriptive). At the excluded rate itself the two are the same "
+        "configuration. †: diverged.",
+        "",
+        "| decoupled curve | peak lr: tied → decoupled (difference) |",
+        "|---|---|",
+    ]
+    for tied, dec in pairs:
+        cells = []
+        for lr in sorted(set(tied["tuning"]) & set(dec["tuning"])):
+            t, d = tied["tuning"][lr], dec["tuning"][lr]
+            cells.append(
+                f"{_lr(lr)}: {100 * final_accuracy(t):.1f}{'†' * diverged(t)} → "
+                f"{100 * final_accuracy(d):.1f}{'†' * diverged(d)} "
+                f"({100 * (final_accuracy(d) - final_accuracy(t)):+.1f})")
+        lines.append(f"| {dec['curve'].name} | {' · '.join(cells) or NOT_RUN} |")
+    both = {(d["curve"].method, d["curve"].batch_size) for _, d in pairs}
+    lines += [
+        "",
+        "Warmup under each protocol: as in [the warmup table](#where-warmup-is-"
+        "necessary), for the methods run under both.",
+        "",
+        *WARMUP_HEADER,
+    ]
+    lines += [_warmup_row(label, warm, cold) for label, warm, cold in _pairs(summary)
+              if (warm["curve"].method, warm["curve"].batch_size) in both]
     return "\n".join(lines) + "\n"
 
 
@@ -420,12 +622,12 @@ def chosen_rates(plan, summary):
             "source": (f"recipes.study tuning on validation (seed {plan.tune_seed}, "
                        f"{plan.epochs} epochs), docs/results/runs/"),
         }
-        stats = _final_stats(entry)
-        if stats:  # the finals' spread, for the main job to compare against
+        s = _final_stats(entry)
+        if s:  # the finals' spread, for the main job to compare against
             out[name]["finals"] = {
-                "seeds": stats["seeds"],
-                **{k: list(stats[k]) for k in ("best_val", "final_val", "test")
-                   if stats[k] is not None},
+                "seeds": s["seeds"],
+                **{k: list(s[k]) for k in ("best_val", "final_val", "test")
+                   if s[k] is not None},
             }
     return out
 
@@ -436,12 +638,12 @@ TABLES = {
     "warmup": warmup_table,
     "ablation": ablation_table,
     "verdicts": verdicts_table,
+    "decoupled": decoupled_table,
 }
 
 
-def tables(plan, records):
+def tables(plan, summary):
     """Every table, as {name: markdown}, plus `chosen.json`'s text."""
-    summary = summarize(plan, records)
     out = {name: make(plan, summary) for name, make in TABLES.items()}
     out["chosen.json"] = json.dumps(chosen_rates(plan, summary), indent=1,
                                     sort_keys=True) + "\n"
@@ -466,10 +668,9 @@ def figures_block(records, img="img"):
     return "\n".join(lines) + "\n"
 
 
-def blocks(plan, records):
-    """The blocks of docs/results.md: every table and the figures."""
-    out = tables(plan, records)
-    out.pop("chosen.json")
+def blocks(texts, records):
+    """The blocks of docs/results.md: every table of `tables` and the figures."""
+    out = {name: text for name, text in texts.items() if not name.endswith(".json")}
     out["figures"] = figures_block(records)
     return out
 
@@ -492,8 +693,10 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
         The list of files written.
     """
     records = load_records(os.path.join(out_dir, "runs"))
+    summary = summarize(plan, records)
+    texts = tables(plan, summary)
     written = []
-    for name, text in tables(plan, records).items():
+    for name, text in texts.items():
         path = os.path.join(out_dir, name if name.endswith(".json") else f"{name}.md")
         os.makedirs(out_dir, exist_ok=True)
         with open(path, "w") as f:
@@ -502,21 +705,19 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
     if results_md and os.path.exists(results_md):
         with open(results_md) as f:
             text = f.read()
-        new = replace_blocks(text, blocks(plan, records))
+        new = replace_blocks(text, blocks(texts, records))
         if new != text:
             with open(results_md, "w") as f:
                 f.write(new)
         written.append(results_md)
     if figures and records:
-        summary = summarize(plan, records)
-        os.makedirs(img_dir, exist_ok=True)
-        written.append(plot_warmup_necessity(plan, summary,
-                                             os.path.join(img_dir, "warmup_necessity.png")))
-        written.append(plot_finals(plan, summary, os.path.join(img_dir, "final_epochs.png")))
+        written += [
+            plot_warmup_necessity(plan, summary, os.path.join(img_dir, "warmup_necessity.png")),
+            plot_finals(summary, os.path.join(img_dir, "final_epochs.png"))]
         for path in sorted(glob.glob(os.path.join(out_dir, "layer_statistics", "*.json"))):
             # (the records name these files; see figures_block)
             png = os.path.join(img_dir, "layers_" + os.path.basename(path)[:-5] + ".png")
-            written.append(plot_layer_statistics(path, png))
+            written.append(plots.plot_layer_statistics(path, png))
     return written
 
 
@@ -525,239 +726,33 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
 
 def plot_warmup_necessity(plan, summary, path):
     """Final validation accuracy against peak learning rate, one panel per
-    (B, family): where the warmup claim lives."""
-    plt = _pyplot()
-    from matplotlib import ticker
-
-    panels = plan.figure_panels  # [(title, [curve names])]
-    columns = min(2, len(panels))
-    rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.4 * rows),
-                                squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    # A 2-point difference must be visible: points below `floor` (diverged or
-    # far off) are drawn on it as crosses.
-    floor = 60.0
-    for ax, (title, names) in zip(axes.flat, panels):
-        top = 95.0
-        ladder = set()
+    (B, family) of the plan: where the warmup claim lives."""
+    panels = []
+    for title, names in plan.figure_panels:
+        series = []
         for name in names:
             entry = summary.get(name)
             if not entry or not entry["tuning"]:
                 continue
             lrs = sorted(entry["tuning"])
-            ladder.update(lrs)
-            values = [100 * final_accuracy(entry["tuning"][lr]) for lr in lrs]
-            top = max(top, max(values) + 1)
-            style = "-" if entry["curve"].warmup else "--"
-            line, = ax.plot(lrs, [max(v, floor) for v in values], style, marker="o",
-                            label=entry["curve"].legend)
-            low = [lr for lr, v in zip(lrs, values) if v < floor]
-            ax.plot(low, [floor] * len(low), "x", markersize=11, markeredgewidth=2.5,
-                    color=line.get_color())
-            if entry["chosen"] is not None:
-                ax.plot([entry["chosen"]],
-                        [100 * final_accuracy(entry["tuning"][entry["chosen"]])],
-                        "*", markersize=14, color=line.get_color())
-        ax.set(xscale="log", xlabel="peak learning rate", title=title,
-               ylabel="final validation accuracy, %", ylim=(floor - 1, top))
-        if ladder:  # ticks at the rates run, as plain numbers
-            ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(ladder)))
-            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_locator(ticker.NullLocator())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    figure.suptitle(plan.description + f" — star: chosen rate; x: below {floor:g}% "
-                    "(diverged or far off), drawn at the floor", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+            series.append(dict(
+                label=entry["curve"].legend, lrs=lrs, chosen=entry["chosen"],
+                values=[100 * final_accuracy(entry["tuning"][lr]) for lr in lrs],
+                dashed=not entry["curve"].warmup))
+        panels.append((title, series))
+    return plots.accuracy_against_lr(panels, path, plan.description)
 
 
-def plot_finals(plan, summary, path):
-    """Validation accuracy per epoch of the finals (mean, min-max band)."""
-    plt = _pyplot()
+def plot_finals(summary, path):
+    """Validation accuracy per epoch of the finals (mean, min-max band), one
+    panel per B."""
     batches = sorted({e["curve"].batch_size for e in summary.values() if e["finals"]})
-    figure, axes = plt.subplots(1, max(1, len(batches)),
-                                figsize=(5.5 * max(1, len(batches)), 4.2), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for entry in summary.values():
-            if entry["curve"].batch_size != batch or not entry["finals"]:
-                continue
-            values = np.array([[e.get("val_accuracy") or 0.0 for e in r["epochs"]]
-                               for r in entry["finals"]], dtype="float64") * 100
-            epochs = np.arange(1, values.shape[1] + 1)
-            style = "-" if entry["curve"].warmup else "--"
-            line, = ax.plot(epochs, values.mean(axis=0), style, marker="o", markersize=3,
-                            label=f"{entry['curve'].legend}, lr {_lr(entry['chosen'])}")
-            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0),
-                            color=line.get_color(), alpha=0.15)
-        ax.set(xlabel="epoch", ylabel="validation accuracy, %", title=f"finals, B={batch}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def plot_epochs(runs, path, title=""):
-    """Training loss and validation accuracy per epoch of a few runs.
-
-    Args:
-        runs: a list of (label, epochs), `epochs` as `recipes.train.run`
-            returns them (dicts with `loss` and `val_accuracy`).
-    """
-    plt = _pyplot()
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, epochs in runs:
-        x = [e["epoch"] + 1 for e in epochs]
-        loss_axes.plot(x, [e["loss"] for e in epochs], "o-", label=label)
-        accuracy_axes.plot(x, [100 * (e.get("val_accuracy") or 0.0) for e in epochs],
-                           "o-", label=label)
-    loss_axes.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss")
-    accuracy_axes.set(xlabel="epoch", ylabel="validation accuracy, %",
-                      title="Validation accuracy")
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-# ------------------------------------------------ per-layer statistics
-
-
-def _edges(centers):
-    """Cell edges halfway between the updates (the records may be uneven)."""
-    centers = np.asarray(centers, dtype=float)
-    if len(centers) == 1:
-        return np.array([centers[0] - 0.5, centers[0] + 0.5])
-    middle = (centers[1:] + centers[:-1]) / 2
-    return np.concatenate(
-        [[2 * centers[0] - middle[0]], middle, [2 * centers[-1] - middle[-1]]]
-    )
-
-
-def plot_layer_statistics(json_path, png_path, statistics=DEFAULT_STATISTICS,
-                          all_variables=False, title=None):
-    """Heatmaps (layer against update) of a run's per-layer statistics.
-
-    One panel per statistic: layers in model order from top to bottom,
-    updates from left to right. Coherence ||g_l|| / N_l is on a linear 0..1
-    scale (dark: the gradient samples disagree, CLARS shrinks the step);
-    the trust ratio is on a log scale.
-
-    Args:
-        json_path: the `LayerStatisticsLogger` JSON file.
-        png_path: the PNG to write (its directory is created).
-        statistics: the statistics to draw, one panel each.
-        all_variables: also draw the variables that are not layer-adapted
-            (biases, BatchNorm: trust ratio 1); by default only the adapted
-            ones (kernels) are shown.
-        title: the figure's title; default: the optimizer and the file name.
-
-    Returns:
-        `png_path`.
-    """
-    from matplotlib.colors import LogNorm, Normalize
-
-    from keras_clars.callbacks import load_layer_statistics
-
-    plt = _pyplot()
-    data = load_layer_statistics(json_path)
-    unknown = [s for s in statistics if s not in data["statistics"]]
-    if unknown:
-        raise ValueError(
-            f"Unknown statistics {unknown}; expected some of {data['statistics']}."
-        )
-    if not len(data["updates"]):
-        raise ValueError(f"{json_path} holds no records to plot.")
-    adapted = data.get("adapted") or [True] * len(data["layers"])
-    keep = [i for i, a in enumerate(adapted) if a or all_variables]
-    if not keep:
-        raise ValueError(
-            f"{json_path} has no layer-adapted variables; pass all_variables=True."
-        )
-    labels = [data["layers"][i] for i in keep]
-    if not all_variables:
-        labels = [p[: -len("/kernel")] if p.endswith("/kernel") else p for p in labels]
-
-    rows = len(keep)
-    x_edges = _edges(data["updates"])
-    y_edges = np.arange(rows + 1) - 0.5
-    font = 8 if rows <= 30 else 6
-    height = min(2.0 + 0.16 * rows, 30)
-    fig, axes = plt.subplots(
-        1, len(statistics), figsize=(6.5 * len(statistics), height), squeeze=False,
-        sharey=True,
-    )
-    for ax, stat in zip(axes[0], statistics):
-        values = np.ma.masked_invalid(data["values"][stat][:, keep].T)
-        if stat == "coherence":
-            norm, cmap = Normalize(0, 1), "viridis"
-        else:
-            positive = values[values > 0]
-            norm = (
-                LogNorm(positive.min(), positive.max())
-                if positive.count() and positive.min() < positive.max()
-                else Normalize()
-            )
-            cmap = "magma"
-        mesh = ax.pcolormesh(x_edges, y_edges, values, norm=norm, cmap=cmap)
-        ax.set_title(stat.replace("_", " "))
-        ax.set_xlabel("update")
-        fig.colorbar(mesh, ax=ax, fraction=0.04, pad=0.02)
-    step = max(1, -(-rows // MAX_LABELS))
-    ticks = np.arange(0, rows, step)
-    axes[0][0].set_yticks(ticks, [labels[i] for i in ticks], fontsize=font)
-    axes[0][0].invert_yaxis()  # model order, input at the top
-    axes[0][0].set_ylabel("layer (model order)")
-    name = os.path.basename(json_path)
-    k = data.get("gradient_accumulation_steps", 1)
-    fig.suptitle(title or f"{data['optimizer']} (k={k}): {name}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.report",
-        description="Per-layer statistics heatmaps (the study's report: "
-        "python -m recipes.study report).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    layers = commands.add_parser("layers", help="heatmaps of a LayerStatisticsLogger JSON")
-    layers.add_argument("json_path", help="the LayerStatisticsLogger JSON file")
-    layers.add_argument("-o", "--output",
-                        help="the PNG to write (default: the JSON's name, .png)")
-    layers.add_argument("--statistics", nargs="+", default=list(DEFAULT_STATISTICS),
-                        help="statistics to draw, one panel each (default: %(default)s)")
-    layers.add_argument("--all_variables", action="store_true",
-                        help="also draw variables that are not layer-adapted")
-    layers.add_argument("--title", help="the figure's title")
-    args = parser.parse_args(argv)
-    output = args.output or os.path.splitext(args.json_path)[0] + ".png"
-    try:
-        path = plot_layer_statistics(args.json_path, output, args.statistics,
-                                     args.all_variables, args.title)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
-    print(path)
-    return path
-
-
-if __name__ == "__main__":
-    # Reading JSON needs no TensorFlow: Keras's numpy backend imports faster.
-    os.environ.setdefault("KERAS_BACKEND", "numpy")
-    main()
+    panels = []
+    for batch in batches:
+        panels.append((f"finals, B={batch}", [
+            (f"{e['curve'].legend}, lr {_lr(e['chosen'])}",
+             100 * np.array([[x.get("val_accuracy") or 0.0 for x in r["epochs"]]
+                             for r in e["finals"]], dtype="float64"),
+             not e["curve"].warmup)
+            for e in summary.values() if e["curve"].batch_size == batch and e["finals"]]))
+    return plots.epoch_bands(panels, path)

@@ -57,7 +57,6 @@ Protocol:
   B = 4096, tuned as above, each window centred on its tied choice.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -66,6 +65,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
 
 from recipes import report  # noqa: E402
 
@@ -156,6 +157,7 @@ class Plan:
         self.max_slides = 0 if quick else 3
         self.warmup_epochs = 1 if quick else WARMUP_EPOCHS
         self.micro_batch = 64 if quick else 256
+        self.break_drop = BREAK_DROP
         sgd, layerwise = 0.1, 0.25  # ladder bases: SGD 0.1-6.4, LARS/CLARS 0.25-16
         mb = self.micro_batch
         if quick:
@@ -243,6 +245,10 @@ class Plan:
                 return curve
         raise ValueError(f"Unknown curve {name!r}; expected one of "
                          f"{', '.join(c.name for c in self.curves)}.")
+
+    def broken(self, accuracy, best):
+        """Whether a point ends a curve's stable range (`broken`)."""
+        return broken(accuracy, best)
 
     def lr(self, curve, index):
         return curve.base * 2.0**index
@@ -461,45 +467,44 @@ class Study:
         return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m recipes.study",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("phases", nargs="*", metavar="phase",
-                        help=f"one of {', '.join(PHASES)} (default: all = tune, "
-                        "final, ablation, break, decoupled, report)")
-    parser.add_argument("--max_runs", type=int, default=None,
-                        help="stop after this many new runs (resume later)")
-    parser.add_argument("--curves", default="",
-                        help="only these curves (comma-separated names; see status)")
-    parser.add_argument("--out", default=None,
-                        help="results folder (default docs/results; --quick: "
-                        "runs/study_quick)")
-    parser.add_argument("--img", default=None,
-                        help="figures folder (default docs/img; --quick: <out>/img)")
-    parser.add_argument("--results_md", default=None,
-                        help="the markdown file whose report blocks are regenerated "
-                        "(default docs/results.md; --quick: none)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny end-to-end run (the test): 3 curves, 2 points, "
-                        "2 epochs on 512 examples, B=256")
-    args = parser.parse_args(argv)
-    for phase in args.phases:
+def define_flags(flag_values=flags.FLAGS):
+    flags.DEFINE_integer("max_runs", None, "stop after this many new runs (resume later)",
+                         flag_values=flag_values)
+    flags.DEFINE_list("curves", [], "only these curves (comma-separated names; see status)",
+                      flag_values=flag_values)
+    flags.DEFINE_string("out", None, "results folder (default docs/results; --quick: "
+                        "runs/study_quick)", flag_values=flag_values)
+    flags.DEFINE_string("img", None, "figures folder (default docs/img; --quick: <out>/img)",
+                        flag_values=flag_values)
+    flags.DEFINE_string("results_md", None, "the markdown file whose report blocks are "
+                        "regenerated (default docs/results.md; --quick: none)",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("quick", False, "a tiny end-to-end run (the test): 3 curves, 2 "
+                      "points, 2 epochs on 512 examples, B=256", flag_values=flag_values)
+
+
+def main(argv, flag_values=flags.FLAGS):
+    """Runs the phases `argv[1:]` (one of PHASES each; none: all = tune, final,
+    ablation, break, decoupled, report), the flags parsed into `flag_values`."""
+    for phase in argv[1:]:
         if phase not in PHASES:
-            parser.error(f"unknown phase {phase!r}; expected some of {', '.join(PHASES)}.")
-    if args.max_runs is not None and args.max_runs < 0:
-        parser.error(f"--max_runs must be >= 0; received {args.max_runs}.")
-    plan = Plan(quick=args.quick)
-    out = args.out or ("runs/study_quick" if args.quick else "docs/results")
-    img = args.img or (os.path.join(out, "img") if args.quick else "docs/img")
-    results_md = args.results_md if args.results_md is not None else (
-        "" if args.quick else "docs/results.md")
-    curves = [c for c in args.curves.split(",") if c]
-    for name in curves:
+            raise app.UsageError(
+                f"unknown phase {phase!r}; expected some of {', '.join(PHASES)}.")
+    max_runs = flag_values.max_runs
+    if max_runs is not None and max_runs < 0:
+        raise app.UsageError(f"--max_runs must be >= 0; received --max_runs={max_runs}.")
+    quick = flag_values.quick
+    plan = Plan(quick=quick)
+    out = flag_values.out or ("runs/study_quick" if quick else "docs/results")
+    img = flag_values.img or (os.path.join(out, "img") if quick else "docs/img")
+    results_md = flag_values.results_md if flag_values.results_md is not None else (
+        "" if quick else "docs/results.md")
+    for name in flag_values.curves:
         plan.curve(name)  # raises for an unknown name
-    phases = args.phases or ["all"]
+    phases = argv[1:] or ["all"]
     if "all" in phases:
         phases = ["tune", "final", "ablation", "break", "decoupled", "report"]
-    study = Study(plan, out, args.max_runs, curves)
+    study = Study(plan, out, max_runs, flag_values.curves)
     began = time.time()
     study.run([p for p in phases if p not in ("status", "report")])
     if "report" in phases:
@@ -511,8 +516,20 @@ def main(argv=None):
     return study
 
 
-if __name__ == "__main__":
+def run_args(args):
+    """`main` from command-line arguments (phases and flags, no program name)."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    return main(flag_values(["recipes.study", *args]), flag_values)
+
+
+def _main(argv):
     try:
-        main()
+        main(argv)
     except ValueError as error:
         sys.exit(f"recipes.study: error: {error}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(_main)

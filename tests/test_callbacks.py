@@ -152,10 +152,10 @@ def test_tensorboard_events_hold_the_expected_tags_and_values(run):
 
 
 def test_plot_script_draws_a_png(run, tmp_path):
-    from recipes import report as plot
+    from recipes import plots as plot
 
     png = tmp_path / "img" / "layers.png"
-    assert plot.main(["layers", str(run["out"] / "stats.json"), "-o", str(png)]) == str(png)
+    assert plot.run_args(["layers", str(run["out"] / "stats.json"), "-o", str(png)]) == str(png)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

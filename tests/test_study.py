@@ -4,8 +4,9 @@ import json
 import os
 
 import pytest
+from absl import app
 
-from recipes import report, study
+from recipes import report, stats, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -63,38 +64,105 @@ def test_the_protocol_is_the_same_for_every_method():
             ("clars", 4096, False, 64), ("clars", 4096, False, 1024)} == methods
 
 
-def test_bad_arguments_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        study.main(["train_everything"])
-    assert "unknown phase 'train_everything'" in capsys.readouterr().err
+def test_bad_arguments_are_refused():
+    with pytest.raises(app.UsageError, match="unknown phase 'train_everything'"):
+        study.run_args(["train_everything"])
+    with pytest.raises(app.UsageError, match="--max_runs must be >= 0"):
+        study.run_args(["status", "--max_runs", "-1"])
     with pytest.raises(ValueError, match="Unknown curve 'B1_adam'"):
-        study.main(["status", "--curves", "B1_adam"])
+        study.run_args(["status", "--curves", "B1_adam"])
 
 
 # ------------------------------------------------- the committed report
 
 
 def test_one_seed_shows_no_spread_and_decides_nothing():
-    assert report._mean_std([0.5]) == (0.5, None)
-    assert report._pm(report._mean_std([0.5])) == "50.00 (one seed)"
-    assert report._pm(report._mean_std([0.5, 0.7])) == "60.00 ± 14.14"
-    d, se, word = report._compare((0.9, None), (0.8, 0.01), 1, 3)
-    assert round(d, 6) == 10 and se is None and word.startswith("not decided")
-    d, se, word = report._compare((0.9, 0.01), (0.8, 0.01), 3, 3)
-    assert word == "ahead" and se == pytest.approx(100 * (2 * 0.01**2 / 3) ** 0.5)
+    assert report.plus_minus(stats.mean_std([0.5])) == "50.00 (one seed)"
+    assert report.plus_minus(stats.mean_std([0.5, 0.7])) == "60.00 ± 14.14"
+    text, interval = report.difference([0.9], [0.8, 0.81, 0.79])
+    assert text == "+10.00 (one seed: no interval)" and interval is None
+    assert report.verdict(interval).startswith("not decided")
+
+
+def test_verdicts_are_decided_by_the_95_percent_interval():
+    # Three seeds each, 1 point apart with a spread of 0.5: d/SE = 2.45,
+    # which the old twice-the-standard-error rule called "ahead"; the 95%
+    # interval (df 4, t = 2.776) contains 0.
+    a, b = [0.885, 0.890, 0.895], [0.875, 0.880, 0.885]
+    text, interval = report.difference(a, b)
+    assert interval.difference == pytest.approx(1.0)
+    assert interval.low < 0 < interval.high
+    assert report.verdict(interval) == "not decided (the 95% interval contains 0)"
+    assert text == "+1.00 (95%: -0.13 to +2.13, df 4.0)"
+    _, interval = report.difference([0.90, 0.905, 0.91], b)
+    assert report.verdict(interval) == "ahead" and interval.low > 0
+    assert report.verdict(report.difference(b, [0.90, 0.905, 0.91])[1]) == "behind"
+    # A threshold counts only when the interval is past it.
+    assert report._beyond(interval, 2.0, "large", "small").startswith("not decided")
+    assert report._beyond(interval.scaled(10), 2.0, "large", "small") == "large"
+    assert report._beyond(interval.scaled(0.1), 2.0, "large", "small") == "small"
+
+
+def _records(curve, accuracies, phase="tune", seed=0):
+    return [{"study": {"curve": curve, "lr": lr, "seed": seed, "phase": phase},
+             "final_validation_accuracy": a, "epochs": [{"loss": 1.0}]}
+            for lr, a in accuracies.items()]
+
+
+def test_stable_range_is_bounded_only_by_a_rate_that_broke():
+    plan = study.Plan()
+    name = "B4096_lars_warmup_b256"
+    window = {0.25: 0.80, 0.5: 0.85, 1: 0.87, 2: 0.885, 4: 0.88}
+    summary = report.summarize(plan, _records(name, window))
+    r = summary[name]["range"]
+    assert (r.low, r.high, r.points, r.bounded) == (2, 4, 2, False)
+    assert str(r) == "2 to ≥ 4 (≥ 2 points; lower bound: nothing broke up to 4)"
+    # The break runs: 8 is 3 points down (not broken), 16 diverged.
+    records = _records(name, window) + _records(name, {8: 0.855, 16: 0.1}, "break")
+    summary = report.summarize(plan, records)
+    r = summary[name]["range"]
+    assert (r.low, r.high, r.points, r.broke) == (2, 4, 2, 16)
+    assert str(r) == "2 to 4 (2 points; broke at 16)"
+    table = report.tuning_table(plan, summary)
+    assert "8: 85.5‡" in table and "16: 10.0†‡" in table and "| broke at 16 |" in table
+    # Only bounded ranges are compared; a lower bound decides only when it
+    # already exceeds the other range.
+    wide = report.StableRange(1, 8, 4)  # >= 4 points
+    assert report.compare_ranges(r, wide) == "narrower"
+    assert report.compare_ranges(wide, r) == "wider"
+    assert report.compare_ranges(report.StableRange(2, 4, 2), report.StableRange(
+        2, 8, 3, 16)).startswith("not decided")  # >= 2 points against 3
+    assert report.compare_ranges(r, report.StableRange(2, 8, 3, 16)) == "narrower"
+    assert report.compare_ranges(r, report.StableRange(1, 2, 2, 4)) == "as wide"
+
+
+def test_decoupled_comparison_works_with_incomplete_data():
+    plan = study.Plan()
+    tied, decoupled = "B4096_lars_nowarmup_b256", "B4096_lars_nowarmup_b256_x4"
+    records = (_records(tied, {0.25: 0.80, 0.5: 0.85, 1: 0.87, 2: 0.88, 4: 0.885})
+               + _records(tied, {8: 0.1}, "break")
+               + _records(decoupled, {2: 0.86, 4: 0.885, 8: 0.87}))
+    table = report.decoupled_table(plan, report.summarize(plan, records))
+    row = [line for line in table.splitlines() if line.startswith(f"| {decoupled} |")]
+    assert len(row) == 2  # tuned optima, equal step
+    # Tuned optima: the tied curve is tuned, the decoupled one incomplete.
+    assert "| 4: 88.50 (tuning seed only) | incomplete | not run yet |" in row[0]
+    # Equal step: the rates both ran, with the difference.
+    assert "8: 10.0† → 87.0 (+77.0)" in row[1] and "4: 88.5 → 88.5 (+0.0)" in row[1]
+    assert "| B4096_lars_warmup_b256_x4 | not run yet |" in table
 
 
 def test_committed_tables_equal_the_regenerated_ones():
     plan = study.Plan()
     records = report.load_records(os.path.join(RESULTS, "runs"))
-    regenerated = report.tables(plan, records)
+    regenerated = report.tables(plan, report.summarize(plan, records))
     for name, text in regenerated.items():
         path = os.path.join(RESULTS, name if name.endswith(".json") else f"{name}.md")
         with open(path) as f:
             assert f.read() == text, f"{path} is stale: run python -m recipes.study report"
     with open(os.path.join(ROOT, "docs", "results.md")) as f:
         results_md = f.read()
-    blocks = report.blocks(plan, records)
+    blocks = report.blocks(regenerated, records)
     assert report.replace_blocks(results_md, blocks) == results_md
     for name in blocks:  # every table and the figures are in results.md
         assert f"<!-- report:{name} -->" in results_md
@@ -106,9 +174,9 @@ def test_committed_tables_equal_the_regenerated_ones():
 @pytest.mark.skipif(not os.path.exists(FASHION), reason="dataset-fashion-mnist missing")
 def test_quick_study_runs_resumes_and_reports(tmp_path):
     out = str(tmp_path)
-    first = study.main(["--quick", "--out", out, "--max_runs", "3"])
+    first = study.run_args(["--quick", "--out", out, "--max_runs", "3"])
     assert first.done_now == 3  # a slice: stopped after 3 runs
-    done = study.main(["--quick", "--out", out])
+    done = study.run_args(["--quick", "--out", out])
     # 2 main curves x 2 points + 2 finals; ablation: 2 points + 1 final.
     assert first.done_now + done.done_now == 9
     names = sorted(os.listdir(os.path.join(out, "runs")))
@@ -122,7 +190,7 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
         assert record["summary"]["warmup_updates"] == (2 if "_warmup_" in s["key"] else 0)
         assert s["seed"] in (0, 1) and (s["phase"] == "tune") == (s["seed"] == 0)
     # A rerun trains nothing.
-    assert study.main(["--quick", "--out", out, "tune", "final", "ablation"]).done_now == 0
+    assert study.run_args(["--quick", "--out", out, "tune", "final", "ablation"]).done_now == 0
 
     chosen = _read(os.path.join(out, "chosen.json"))
     plan = study.Plan(quick=True)
@@ -148,6 +216,6 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     with open(path, "w") as f:
         json.dump(record, f)
     with pytest.raises(ValueError, match="different configuration \\(epochs\\)"):
-        study.main(["--quick", "--out", out, "status"])
+        study.run_args(["--quick", "--out", out, "status"])
     with pytest.raises(ValueError, match="different configuration \\(epochs\\)"):
-        study.main(["--quick", "--out", out, "tune", "ablation"])
+        study.run_args(["--quick", "--out", out, "tune", "ablation"])
