@@ -581,8 +581,8 @@ def decoupled_table(plan, summary):
         "",
         f"At equal step: the same layers' peak lr, seed {plan.tune_seed}, at every "
         "rate both ran: tied → decoupled accuracy, % (difference, points; one "
-        "seed each: descriptive). At the excluded rate itself the two are the same "
-        "configuration. †: diverged.",
+        "seed each: descriptive). At the excluded rate itself the two protocols give "
+        "every variable the same peak rate. †: diverged.",
         "",
         "| decoupled curve | peak lr: tied → decoupled (difference) |",
         "|---|---|",
