@@ -2,7 +2,8 @@
 
 Trains ResNet-20 (narrow) with CLARS on real Fashion-MNIST in chunks of
 `--updates` updates, alternating a chunk without the callback and a chunk
-with it (TensorBoard + JSON, at `--interval`), on the same compiled model.
+with it (TensorBoard + JSON, at `--interval`), on the same compiled model
+(`benchmarks.timing.interleaved`: in an order shuffled each pair).
 Reports the median chunk times (wall and process CPU) and their ratios,
 and, because a shared machine makes chunk times noisy, also the callback's
 own cost measured directly: the time of one record (read + TensorBoard + JSON) divided by the
@@ -15,9 +16,9 @@ interval, as a fraction of the median step.
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
+
+from benchmarks import timing
 
 
 def parse_args(argv):
@@ -86,20 +87,16 @@ def main(argv=None):
     )
 
     def chunk(callbacks):
-        # Wall time, and this process's CPU time (all threads): the second
-        # is far less disturbed by other jobs on a shared machine.
-        wall, cpu = time.perf_counter(), time.process_time()
-        model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
-                  callbacks=callbacks)
-        return time.perf_counter() - wall, time.process_time() - cpu
+        return lambda: model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False,
+                                 verbose=0, callbacks=callbacks)
 
-    without, with_logger = [], []
+    times = None
     if args.pairs:
-        chunk([])  # compile the train step
-        chunk([logger])  # trace the summary writer
-        for _ in range(args.pairs):
-            without.append(chunk([]))
-            with_logger.append(chunk([logger]))
+        # Untimed first round: compiles the train step, traces the summary
+        # writer. Wall time, and this process's CPU time (all threads): the
+        # second is far less disturbed by other jobs on a shared machine.
+        times = timing.interleaved({"without": chunk([]), "with": chunk([logger])},
+                                   args.pairs)
     else:  # records only: statistics of a built, untrained optimizer
         model.optimizer.build(model.trainable_variables)
         model.optimizer._iterations.assign(1)
@@ -107,13 +104,12 @@ def main(argv=None):
     logger.on_train_begin()
 
     # One record by itself: what the callback adds every `interval` updates.
-    record = []
-    for _ in range(args.records):
+    def one_record():
         logger._last_update = None  # force a record at the same update
-        start = time.perf_counter()
         logger._act()
         logger._save()
-        record.append(time.perf_counter() - start)
+
+    record = timing.interleaved({"record": one_record}, args.records, warmup=0)["record"]
     logger.records = logger.records[: -args.records]
 
     result = {
@@ -121,11 +117,11 @@ def main(argv=None):
         "model": args.model + (f" width {args.width}" if args.model == "resnet20" else ""),
         "variables": len(model.trainable_variables),
         "interval": args.interval,
-        "median_record_s": statistics.median(record),
+        "median_record_s": timing.median(record),
         "cpu_count": os.cpu_count(),
     }
     if args.pairs:
-        result.update(chunk_results(args, without, with_logger, result))
+        result.update(chunk_results(args, times, result))
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
@@ -133,25 +129,26 @@ def main(argv=None):
     return result
 
 
-def chunk_results(args, without, with_logger, result):
-    (without, without_cpu), (with_logger, with_cpu) = zip(*without), zip(*with_logger)
-    step = statistics.median(without) / args.updates
+def chunk_results(args, times, result):
+    """`times`: `timing.interleaved`'s, of the chunks without and with the
+    logger."""
+    ratio = timing.ratio
+    step = timing.median(times["without"]) / args.updates
     return {
         "batch": args.batch,
         "updates_per_chunk": args.updates,
         "pairs": args.pairs,
-        "median_chunk_without_s": statistics.median(without),
-        "median_chunk_with_s": statistics.median(with_logger),
-        "chunk_ratio": statistics.median(with_logger) / statistics.median(without),
-        "pair_ratios": [w / o for w, o in zip(with_logger, without)],
-        "median_chunk_cpu_without_s": statistics.median(without_cpu),
-        "median_chunk_cpu_with_s": statistics.median(with_cpu),
-        "chunk_cpu_ratio": statistics.median(with_cpu) / statistics.median(without_cpu),
-        "pair_cpu_ratios": [w / o for w, o in zip(with_cpu, without_cpu)],
+        "median_chunk_without_s": timing.median(times["without"]),
+        "median_chunk_with_s": timing.median(times["with"]),
+        "chunk_ratio": ratio(times, "with", "without"),
+        "pair_ratios": [w / o for w, o in zip(times["with"], times["without"])],
+        "median_chunk_cpu_without_s": timing.median(times.cpu["without"]),
+        "median_chunk_cpu_with_s": timing.median(times.cpu["with"]),
+        "chunk_cpu_ratio": ratio(times.cpu, "with", "without"),
+        "pair_cpu_ratios": [w / o for w, o in zip(times.cpu["with"], times.cpu["without"])],
         "median_step_s": step,
         "record_overhead_fraction": result["median_record_s"] / args.interval / step,
     }
-
 
 if __name__ == "__main__":
     main()

@@ -4,12 +4,13 @@
 
 1. Step time. A small ResNet-20 (`recipes.models.resnet20`) trains under
    MirroredStrategy on `--devices` logical CPU devices, with CLARS and with
-   LARS (no accumulation). The two alternate, `--rounds` rounds of `--steps`
-   steps each, so both see the same machine load; each step is timed by a
-   callback (wall time, and the process's CPU time over all its threads,
-   less sensitive to other processes on a shared machine), the first step
-   of each round dropped. Prints the medians, their ratios CLARS / LARS,
-   and the number of ops in each traced train step.
+   LARS (no accumulation). The two alternate step by step
+   (`benchmarks.timing.interleaved`, `--rounds` x `--steps` steps each, after
+   two untimed ones), so both see the same machine load; each step, one call
+   of the model's train function as `fit` makes it, is timed in wall time
+   and in the process's CPU time over all its threads (less sensitive to
+   other processes on a shared machine). Prints the medians, their ratios
+   CLARS / LARS, and the number of ops in each traced train step.
 2. Collectives. With k = `--accumulation` (default 4), each optimizer's
    train step (`model.train_step` under `strategy.run`, as `fit` runs it) is
    traced once and its graph searched, nested functions included, for
@@ -20,9 +21,10 @@
 
 import argparse
 import collections
-import time
 
 import numpy as np
+
+from benchmarks import timing
 
 COLLECTIVES = ("Collective", "Nccl", "AllReduce")
 
@@ -57,22 +59,18 @@ def make_model(strategy, name, width, steps=None):
     return model
 
 
-def step_times(model, x, y, batch, steps):
-    import keras
+def train_step(strategy, model, x, y, batch):
+    """One training step as `fit` runs it (the model's train function on a
+    distributed iterator), less the callbacks: a zero-argument callable.
+    A short `fit` first builds the model, its optimizer and the function."""
+    import tensorflow as tf
 
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.start = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, batch, logs=None):
-            wall, cpu = self.start
-            times.append((time.perf_counter() - wall, time.process_time() - cpu))
-
-    model.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps,
-              shuffle=False, verbose=0, callbacks=[Timer()])
-    return times[1:]  # the first step of a fit call pays for its setup
+    model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch, epochs=1, shuffle=False,
+              verbose=0)
+    # Batches of unknown size, as fit's: the function is not traced again.
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    return lambda: model.train_function(iterator)
 
 
 def trace_step(strategy, model, x, y, batch):
@@ -142,18 +140,15 @@ def main():
           f"{models['LARS'].count_params()} parameters, "
           f"{len(models['LARS'].trainable_variables)} trainable variables, "
           f"global batch {args.batch} ({args.batch // replicas} per replica)")
-    for model in models.values():
-        step_times(model, x, y, args.batch, 3)  # trace and warm up
-    times = {name: [] for name in models}
-    for round_ in range(args.rounds):
-        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
-        for name in order:
-            times[name] += step_times(models[name], x, y, args.batch, args.steps)
-    for clock, column in (("wall", 0), ("CPU", 1)):
+    # Two untimed steps each (a new iterator may retrace the function).
+    times = timing.interleaved(
+        {name: train_step(strategy, m, x, y, args.batch) for name, m in models.items()},
+        args.rounds * args.steps, warmup=2)
+    for clock, seconds in (("wall", times), ("CPU", times.cpu)):
         medians = {}
-        for name, t in times.items():
-            t = np.array(t)[:, column] * 1e3
-            medians[name] = np.median(t)
+        for name, t in seconds.items():
+            t = np.array(t) * 1e3
+            medians[name] = timing.median(t)
             print(f"{name:5s} {clock} time per step: median {medians[name]:8.2f} ms "
                   f"over {len(t)} steps (quartiles {np.percentile(t, 25):.2f}-"
                   f"{np.percentile(t, 75):.2f} ms)")
@@ -167,7 +162,7 @@ def main():
     k = args.accumulation
     for name in ("LARS", "CLARS"):
         model = make_model(strategy, name, args.width, steps=k)
-        step_times(model, x, y, args.batch, 2)  # builds the optimizer
+        train_step(strategy, model, x, y, args.batch)  # its fit builds the optimizer
         top, nested, elements = count_collectives(
             trace_step(strategy, model, x, y, args.batch)
         )

@@ -18,8 +18,6 @@ contestants alike within a round):
 
 import argparse
 import os
-import random
-import statistics
 import sys
 import time
 
@@ -28,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from keras_clars import CLARS, LARS  # noqa: E402
 
 TARGETS = {"CLARS/SGD": 1.5, "CLARS/LARS": 1.05, "train CLARS/SGD": 1.03}
@@ -44,25 +43,25 @@ def _optimizers(steps):
     }
 
 
-def _time_interleaved(candidates, repeats, inner, seed=0):
-    """{name: [seconds per call]}: each round runs every candidate once."""
-    order = list(candidates)
-    rng = random.Random(seed)
-    times = {name: [] for name in order}
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
+def _time_interleaved(candidates, repeats, inner):
+    """{name: [seconds per call]}: each sample is `inner` calls in a row
+    (`benchmarks.timing.interleaved`; the first call was made, and timed,
+    by the caller)."""
+    def batch(function):
+        def call():
             for _ in range(inner):
-                candidates[name]()
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
+                function()
+        return call
+
+    times = timing.interleaved({name: batch(f) for name, f in candidates.items()},
+                               repeats, warmup=0)
+    return {name: [t / inner for t in seconds] for name, seconds in times.items()}
 
 
 def _report(times, pairs, label):
     """Prints medians and ratios; under contention the ratio of the minima
     (the least disturbed sample of each) is printed too."""
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: timing.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {label}{name:>18}: median {medians[name] * 1e3:8.1f} ms "
               f"(min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f}, n={len(t)})")
