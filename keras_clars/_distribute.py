@@ -1,8 +1,8 @@
 """The tf.distribute plumbing of the optimizers' update (private).
 
-TensorFlow only: `keras_clars._tensorflow` re-exports these three functions,
-and elsewhere `keras_clars.layerwise` uses one replica and a plain call.
-Each is a plain call too when there is one replica or no strategy.
+TensorFlow only: `keras_clars._tensorflow` re-exports these four functions,
+and elsewhere (`keras_clars._generic`) there is one replica and a plain
+call. Each is a plain call too when there is one replica or no strategy.
 """
 
 import tensorflow as tf
@@ -11,6 +11,17 @@ import tensorflow as tf
 def num_replicas():
     """Replicas that share one update (1 outside tf.distribute)."""
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_id():
+    """This replica's index in its sync group (0 outside tf.distribute, or
+    where it is not known while tracing, as on a TPU, which traces once for
+    all replicas)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return 0
+    value = tf.get_static_value(context.replica_id_in_sync_group)
+    return 0 if value is None else int(value)
 
 
 def all_reduce_sum(tensors):

@@ -19,6 +19,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_clars.layerwise import apply_with_sample_norms, inner_optimizer
+
 # Above this many float32 elements per chunk, the batch is processed in
 # chunks (patches, per-example gradients or Gram matrices).
 CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32
@@ -60,17 +62,6 @@ def unsupported_reason(layer):
 
 def _own_variables(layer):
     return list(getattr(layer, "_trainable_variables", []))
-
-
-def num_replicas():
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def inner_optimizer(optimizer):
-    """The optimizer inside a LossScaleOptimizer (or the optimizer itself)."""
-    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
 
 
 def _is_adapted(optimizer, variable):
@@ -457,11 +448,9 @@ def _memory(form, tokens, k, c):
 # ------------------------------------------------------------- train step
 
 
-def sample_norms(model, plan_, records, grads, ds, factor):
-    """The `sample_norms` list for `optimizer.apply`, one per variable.
-
-    `factor` turns the tape's scale into the spec's: B * R / loss_scale.
-    """
+def sample_norms(model, plan_, records, grads, ds):
+    """The `sample_norms` for `apply_with_sample_norms`, one per variable,
+    on the scale of `grads` (it undoes 1/R and the loss scale on both)."""
     by_layer = {}
     for (layer, a, z), d in zip(records, ds):
         wanted = {k[0] for k in plan_.kinds if k is not None and k[1] is layer}
@@ -481,7 +470,7 @@ def sample_norms(model, plan_, records, grads, ds, factor):
             if isinstance(grad, tf.IndexedSlices):
                 grad = tf.convert_to_tensor(grad)
             norm = tf.norm(tf.reshape(_f32(grad), [-1]))
-            norms.append(norm * factor["replicas"] / factor["scale"])
+            norms.append(norm)
             continue
         which, layer = kind
         kernel, bias = by_layer[id(layer)]
@@ -490,7 +479,7 @@ def sample_norms(model, plan_, records, grads, ds, factor):
         per_example = tf.sqrt(tf.maximum(squared, 0.0))
         # c_i = B * A_i^T D_i, so (1/B) * sum_i ||c_i|| = sum_i ||A_i^T D_i||.
         mean = tf.reduce_sum(per_example)
-        norms.append(mean * factor["replicas"] / factor["scale"])
+        norms.append(mean)
     return norms
 
 
@@ -500,7 +489,6 @@ def train_step(model, data, plan_):
     from keras.src.losses import loss as loss_module
 
     optimizer = model.optimizer
-    inner = inner_optimizer(optimizer)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     recorder = _Recorder(plan_.layers)
     with tf.GradientTape() as tape:
@@ -533,54 +521,6 @@ def train_step(model, data, plan_):
     variables = model.trainable_weights
     outputs = tape.gradient(loss, list(variables) + [z for _, _, z in records])
     grads, ds = outputs[: len(variables)], outputs[len(variables):]
-    scale = _f32(optimizer.scale_loss(tf.constant(1.0, tf.float32)))
-    factor = {"replicas": float(num_replicas()), "scale": scale}
-    norms = sample_norms(model, plan_, records, grads, ds, factor)
-    apply_with_norms(optimizer, inner, grads, variables, norms)
+    norms = sample_norms(model, plan_, records, grads, ds)
+    apply_with_sample_norms(optimizer, grads, variables, norms)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-def apply_with_norms(optimizer, inner, grads, variables, norms):
-    """`optimizer.apply` with `sample_norms` reaching CLARS.
-
-    A LossScaleOptimizer's `apply` takes no `sample_norms`; its inner
-    optimizer's `apply` is then given them: the norms are kept in
-    `inner._pending_sample_norms` (the optimizer's stash for given norms)
-    and passed explicitly when the LossScaleOptimizer calls `inner.apply`.
-    Under tf.distribute the stash holds one list per replica, looked up by
-    the replica id where `inner.apply` runs.
-    """
-    if optimizer is inner:
-        optimizer.apply(grads, variables, sample_norms=norms)
-        return
-    context = tf.distribute.get_replica_context()
-    replica = _replica_id(context)
-    stash = inner.__dict__.get("_per_example_stash")
-    if stash is None:
-        stash = {}
-        object.__setattr__(inner, "_per_example_stash", stash)
-    stash[replica] = norms
-    if "apply" not in inner.__dict__:
-        def apply(grads, trainable_variables=None, sample_norms=None):
-            if sample_norms is None:
-                current = _replica_id(tf.distribute.get_replica_context())
-                sample_norms = inner._per_example_stash.get(current)
-            return type(inner).apply(inner, grads, trainable_variables,
-                                     sample_norms=sample_norms)
-
-        object.__setattr__(inner, "apply", apply)
-    inner._pending_sample_norms = norms
-    try:
-        optimizer.apply(grads, variables)
-    finally:
-        inner._pending_sample_norms = None
-        stash.pop(replica, None)
-        if not stash and "apply" in inner.__dict__:
-            object.__delattr__(inner, "apply")
-
-
-def _replica_id(context):
-    if context is None:
-        return 0
-    value = tf.get_static_value(context.replica_id_in_sync_group)
-    return 0 if value is None else int(value)

@@ -1,8 +1,9 @@
 """TensorFlow's fast paths of the layer-wise update (private).
 
-`keras_clars.layerwise` picks this module, or its own `keras.ops` version of
-the same functions, with its single backend check (`backend_paths()`).
-Both compute the same rule; here it costs fewer kernels and fewer traced ops:
+`keras_clars.layerwise` picks this module on TensorFlow, and
+`keras_clars._generic` (the same functions, in `keras.ops`) elsewhere, once,
+when it is imported. Both compute the same rule; here it costs fewer kernels
+and fewer traced ops:
 
 - `squared_norms`: one `tf.nn.l2_loss` kernel per tensor (sum(x**2) / 2),
   where square-then-sum makes two passes;
@@ -15,8 +16,8 @@ Both compute the same rule; here it costs fewer kernels and fewer traced ops:
 - `apply_momentum`: the fused ResourceApplyMomentum kernel, one pass
   instead of four, which skips a non-finite update by its arguments
   instead of a branch;
-- `num_replicas`, `all_reduce_sum`, `on_each_device`: the tf.distribute
-  plumbing, in `keras_clars._distribute`.
+- `num_replicas`, `replica_id`, `all_reduce_sum`, `on_each_device`: the
+  tf.distribute plumbing, in `keras_clars._distribute`.
 """
 
 import keras
@@ -26,6 +27,7 @@ from keras_clars._distribute import (  # noqa: F401  (re-exported)
     all_reduce_sum,
     num_replicas,
     on_each_device,
+    replica_id,
 )
 
 

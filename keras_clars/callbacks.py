@@ -22,14 +22,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_clars.layerwise import STATISTICS, LayerwiseOptimizer
+from keras_clars.layerwise import STATISTICS, LayerwiseOptimizer, inner_optimizer
 
 FORMAT = "keras_clars.layer_statistics/1"
 
 
 def layerwise_optimizer(optimizer):
     """The `LARS` or `CLARS` inside `optimizer` (unwraps LossScaleOptimizer)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     if not isinstance(inner, LayerwiseOptimizer):
         raise ValueError(
             "The model's optimizer must be keras_clars.LARS or CLARS (possibly "

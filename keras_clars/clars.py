@@ -2,7 +2,8 @@
 
 import keras
 
-from keras_clars.layerwise import ARGS_DOCSTRING, LayerwiseOptimizer
+from keras_clars._arguments import ARGS_DOCSTRING
+from keras_clars.layerwise import LayerwiseOptimizer
 
 
 @keras.saving.register_keras_serializable(package="keras_clars")

@@ -2,11 +2,12 @@
 
 import keras
 
+from keras_clars.layerwise import inner_optimizer
+
 
 def _uses_complete_norm(optimizer):
-    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    return bool(getattr(optimizer, "uses_complete_norm", False))
+    return bool(getattr(inner_optimizer(optimizer), "uses_complete_norm",
+                        False))
 
 
 @keras.saving.register_keras_serializable(package="keras_clars")
@@ -117,7 +118,9 @@ def per_example_norms(model):
     the mean over the k * B examples of a window), mixed precision
     (`LossScaleOptimizer`: the norms are unscaled) and `tf.distribute`
     (each replica computes its own examples' norms; CLARS averages them
-    over the global batch). With LARS or a Keras optimizer the wrapper is a
+    over the global batch). The training step hands CLARS the norms with
+    `keras_clars.apply_with_sample_norms`, which your own training step can
+    call too. With LARS or a Keras optimizer the wrapper is a
     no-op: the training step is Keras's own.
 
     TensorFlow backend only: the norms need the gradients with respect to

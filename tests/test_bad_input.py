@@ -50,7 +50,10 @@ def test_bad_hyperparameters_raise(cls, kwargs, text):
     dict(excluded_learning_rate=0.0),
 ])
 def test_edge_values_are_accepted(kwargs):
-    CLARS(**kwargs)
+    config = CLARS(**kwargs).get_config()
+    for name, value in kwargs.items():
+        assert config[name] == value, name
+    assert CLARS.from_config(config).get_config() == config
 
 
 def _poison(grads, step, layer, value):

@@ -2,8 +2,10 @@
 
 tests/test_reference.py checks them on one device for many options; here:
 a known update with k > 1 read the way the callback reads it, sample norms
-given with R = k = 1, and R = 2 replicas x k = 2 micro-steps under
-MirroredStrategy (in a subprocess: the device count is fixed at start).
+given with R = k = 1 (also through `apply_with_sample_norms`, loss-scaled),
+and R = 2 replicas x k = 2 micro-steps under MirroredStrategy, with sample
+norms given through a LossScaleOptimizer (in a subprocess: the device count
+is fixed at start).
 """
 
 import json
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_clars import CLARS, LARS
+from keras_clars import CLARS, LARS, apply_with_sample_norms
 from keras_clars.callbacks import read_layer_statistics
 from numpy_reference import STATISTICS, reference_run
 
@@ -98,6 +100,50 @@ def test_given_sample_norms_with_one_sample_per_update():
     assert all(s["coherence"] < 0.99 for s in optimizer.layer_statistics().values())
 
 
+def mean_and_norms(step):
+    """A micro-step's mean gradient and the mean of its samples' norms."""
+    mean = [np.mean(layer, axis=0) for layer in zip(*step)]
+    return mean, [float(np.mean([np.linalg.norm(s[l]) for s in step]))
+                  for l in range(len(SHAPES))]
+
+
+@pytest.mark.parametrize("scaling", ["LossScaleOptimizer", "loss_scale_factor"])
+def test_sample_norms_are_unscaled_as_the_gradients(scaling):
+    """Norms on the scale of the gradients (of a loss scaled by 64) reach
+    CLARS unscaled, through a LossScaleOptimizer or `loss_scale_factor`, and
+    serve one `apply` only."""
+    weights, steps = problem(3, samples=4, seed=5)
+    if scaling == "LossScaleOptimizer":
+        inner = CLARS(**HYPER)
+        optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=64.0)
+    else:
+        inner = optimizer = CLARS(loss_scale_factor=64.0, **HYPER)
+    variables = variables_for(weights)
+    for step in steps[:2]:
+        grads, norms = mean_and_norms(step)
+        apply_with_sample_norms(optimizer, [64 * g for g in grads], variables,
+                                [64 * n for n in norms])
+    expected = reference_run(weights, steps[:2], complete=True, **HYPER)
+    assert_statistics(inner.layer_statistics(), expected["statistics"])
+    assert all(s["coherence"] < 0.99 for s in inner.layer_statistics().values())
+    # Without norms, the next micro-step is one sample again: N_l = ||g_l||.
+    with pytest.warns(UserWarning, match="one gradient sample"):
+        optimizer.apply([64 * g for g in mean_and_norms(steps[2])[0]], variables)
+    for values in inner.layer_statistics().values():
+        assert values["coherence"] == pytest.approx(1.0)
+    assert int(inner.iterations) == 3
+
+
+@pytest.mark.parametrize("optimizer", [
+    keras.optimizers.LossScaleOptimizer(LARS()), LARS(), keras.optimizers.SGD()],
+    ids=["LossScaleOptimizer(LARS)", "LARS", "SGD"])
+def test_sample_norms_need_clars(optimizer):
+    with pytest.raises(ValueError, match="only used by CLARS"):
+        apply_with_sample_norms(optimizer, [np.ones((2, 2), "float32")],
+                                [keras.Variable(np.ones((2, 2), "float32"))],
+                                [1.0])
+
+
 def test_read_through_a_loss_scale_optimizer():
     weights, steps = problem(1, seed=3)
     inner = CLARS(**HYPER)
@@ -124,10 +170,10 @@ import numpy as np
 from recipes import strategies
 strategies.use_logical_cpus(2)
 import keras, tensorflow as tf
-from keras_clars import CLARS, LARS
+from keras_clars import CLARS, LARS, apply_with_sample_norms
 from keras_clars.callbacks import read_layer_statistics
 
-names, weights, steps, hyper = json.loads(sys.stdin.read())
+names, weights, steps, given_steps, hyper = json.loads(sys.stdin.read())
 strategy = strategies.make_strategy("mirrored")
 out = {}
 for cls in (CLARS, LARS):
@@ -149,6 +195,38 @@ for cls in (CLARS, LARS):
                          "updates": int(optimizer.iterations.numpy()),
                          "statistics": optimizer.layer_statistics(),
                          "read": read_layer_statistics(optimizer)[2].tolist()}
+
+# Sample norms handed through a LossScaleOptimizer, per replica (k = 1):
+# replica r's gradient is the mean of its 2 samples, its norm the mean of
+# their norms, both scaled by 1/R and by the loss scale 2**15.
+with strategy.scope():
+    variables = [keras.Variable(np.array(w, "float32"), name=n)
+                 for n, w in zip(names, weights)]
+    inner = CLARS(**hyper)
+    optimizer = keras.optimizers.LossScaleOptimizer(inner)
+    optimizer.build(variables)
+
+
+@tf.function
+def given_step(grads, norms):
+    strategy.run(lambda g, n: apply_with_sample_norms(optimizer, g, variables, n),
+                 args=(grads, norms))
+
+
+def per_replica(values):
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: [tf.constant(np.array(v, "float32") * 2.0 ** 15 / 2)
+                         for v in values[context.replica_id_in_sync_group]])
+
+
+for step in given_steps:
+    halves = [step[:2], step[2:]]
+    grads = [[np.mean(layer, axis=0) for layer in zip(*h)] for h in halves]
+    norms = [[np.mean([np.linalg.norm(s[l]) for s in h])
+              for l in range(len(names))] for h in halves]
+    given_step(per_replica(grads), per_replica(norms))
+out["given"] = {"updates": int(inner.iterations.numpy()),
+                "statistics": inner.layer_statistics()}
 print("RESULT " + json.dumps(out))
 """
 
@@ -156,11 +234,14 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.slow
 def test_two_replicas_with_accumulation_under_mirrored_strategy():
     weights, steps = problem(4, samples=2, seed=4)
-    payload = json.dumps(
-        [list(SHAPES), [w.tolist() for w in weights],
-         [[[g.tolist() for g in sample] for sample in step] for step in steps],
-         HYPER]
-    )
+    _, given_steps = problem(2, samples=4, seed=6)
+
+    def listed(steps):
+        return [[[g.tolist() for g in sample] for sample in step]
+                for step in steps]
+
+    payload = json.dumps([list(SHAPES), [w.tolist() for w in weights],
+                          listed(steps), listed(given_steps), HYPER])
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
         [sys.executable, "-c", MIRRORED], input=payload, capture_output=True,
@@ -178,3 +259,7 @@ def test_two_replicas_with_accumulation_under_mirrored_strategy():
         assert result[name]["read"] == [[stats[p][s] for s in STATISTICS] for p in SHAPES]
     # S = 4 samples: CLARS's N_l exceeds LARS's ||g_l||.
     assert all(s["coherence"] < 0.99 for s in result["CLARS"]["statistics"].values())
+    # Given norms, through the LossScaleOptimizer: S = 2 replicas x 2 samples.
+    assert result["given"]["updates"] == 2
+    expected = reference_run(weights, given_steps, complete=True, **HYPER)
+    assert_statistics(result["given"]["statistics"], expected["statistics"])

@@ -74,7 +74,8 @@ def test_string_names(name, cls):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=name, loss="mse")
     assert type(model.optimizer) is cls
-    assert keras_clars.__all__ == ["CLARS", "LARS", "per_example_norms"]
+    assert keras_clars.__all__ == ["CLARS", "LARS", "apply_with_sample_norms",
+                                   "per_example_norms"]
 
 
 def _model():
@@ -184,8 +185,8 @@ def test_exclusions_by_name_survive_save_and_load(cls, tmp_path):
     hidden, head = restored.layers[0].kernel, restored.layers[1].kernel
     assert not loaded._is_layer_adapted(head)
     assert loaded._is_layer_adapted(hidden)
-    assert not loaded._takes_weight_decay(hidden)
-    assert loaded._takes_weight_decay(head)
+    assert not loaded._use_weight_decay(hidden)
+    assert loaded._use_weight_decay(head)
     assert loaded.get_config() == optimizer.get_config()
     # Behaviour, not only flags: both continue along the same trajectory,
     # and the head's trust ratio stays 1.
