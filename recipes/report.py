@@ -642,9 +642,58 @@ TABLES = {
 }
 
 
-def tables(plan, summary):
-    """Every table, as {name: markdown}, plus `chosen.json`'s text."""
+# Updates at which the coherence table samples a run (B=4096: 12 an epoch).
+COHERENCE_UPDATES = (1, 6, 12, 24, 48, 96, 144)
+
+
+def _mean_coherence(statistics):
+    """[(update, geometric mean coherence over the adapted layers)]."""
+    adapted = np.asarray(statistics["adapted"], bool)
+    return [(r["update"], float(np.exp(np.mean(np.log(
+        np.asarray(r["values"]["coherence"], "float64")[adapted])))))
+        for r in statistics["records"]]
+
+
+def coherence_table(statistics_dir, warmup_updates=24):
+    """Coherence over training, from the per-layer statistics on file.
+
+    CLARS's relative step is lr * eta * coherence, so coherence that rises
+    would act as a warmup, and coherence that falls as an extra decay.
+    """
+    paths = sorted(glob.glob(os.path.join(statistics_dir, "*.json")))
+    if not paths:
+        return f"No per-layer statistics on record ({NOT_RUN}).\n"
+    lines = [
+        "Coherence ||g_l|| / N_l over training: the geometric mean over the "
+        "adapted layers at each update (1 for LARS), from the runs that logged "
+        "every update (`docs/results/layer_statistics/`). CLARS's relative step "
+        "is lr × eta × coherence: a coherence that rose would act as a warmup, "
+        f"one that falls as an extra decay. Largest rise: the highest value in "
+        f"the first {warmup_updates} updates (a 2-epoch warmup's length at "
+        "B=4096) over update 1's; a linear warmup multiplies the rate by "
+        f"{warmup_updates} over that span.",
+        "",
+        "| run | " + " | ".join(f"update {u}" for u in COHERENCE_UPDATES)
+        + f" | largest rise, first {warmup_updates} updates | last / first |",
+        "|---|" + "---|" * (len(COHERENCE_UPDATES) + 2),
+    ]
+    for path in paths:
+        with open(path) as f:
+            series = dict(_mean_coherence(json.load(f)))
+        first, last = series[min(series)], series[max(series)]
+        early = max(v for u, v in series.items() if u <= warmup_updates)
+        cells = [f"{series[u]:.3f}" if u in series else "-" for u in COHERENCE_UPDATES]
+        lines.append(f"| {os.path.basename(path)[:-5]} | " + " | ".join(cells)
+                     + f" | {early / first:.2f}x | {last / first:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(plan, summary, statistics_dir=None):
+    """Every table, as {name: markdown}, plus `chosen.json`'s text; with
+    `statistics_dir`, also the coherence table of the per-layer logs there."""
     out = {name: make(plan, summary) for name, make in TABLES.items()}
+    if statistics_dir is not None:
+        out["coherence"] = coherence_table(statistics_dir)
     out["chosen.json"] = json.dumps(chosen_rates(plan, summary), indent=1,
                                     sort_keys=True) + "\n"
     return out
@@ -694,7 +743,7 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
     """
     records = load_records(os.path.join(out_dir, "runs"))
     summary = summarize(plan, records)
-    texts = tables(plan, summary)
+    texts = tables(plan, summary, os.path.join(out_dir, "layer_statistics"))
     written = []
     for name, text in texts.items():
         path = os.path.join(out_dir, name if name.endswith(".json") else f"{name}.md")

@@ -155,7 +155,8 @@ def test_decoupled_comparison_works_with_incomplete_data():
 def test_committed_tables_equal_the_regenerated_ones():
     plan = study.Plan()
     records = report.load_records(os.path.join(RESULTS, "runs"))
-    regenerated = report.tables(plan, report.summarize(plan, records))
+    regenerated = report.tables(plan, report.summarize(plan, records),
+                                os.path.join(RESULTS, "layer_statistics"))
     for name, text in regenerated.items():
         path = os.path.join(RESULTS, name if name.endswith(".json") else f"{name}.md")
         with open(path) as f:
@@ -219,3 +220,19 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
         study.run_args(["--quick", "--out", out, "status"])
     with pytest.raises(ValueError, match="different configuration \\(epochs\\)"):
         study.run_args(["--quick", "--out", out, "tune", "ablation"])
+
+
+def test_coherence_table_reads_rise_and_decay(tmp_path):
+    # Two adapted layers and one excluded; geometric mean over the adapted.
+    records = [{"update": u, "values": {"coherence": [c, c / 4, 1.0]}}
+               for u, c in [(1, 0.2), (6, 0.4), (12, 0.3), (24, 0.1), (48, 0.05)]]
+    with open(tmp_path / "run_a.json", "w") as f:
+        json.dump({"adapted": [True, True, False], "records": records}, f)
+    table = report.coherence_table(str(tmp_path))
+    row = [line for line in table.splitlines() if line.startswith("| run_a |")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.100"    # update 1: sqrt(0.2 * 0.05)
+    assert cells[2] == "0.200"    # update 6
+    assert cells[-2] == "2.00x"   # the rise to update 6, within 24 updates
+    assert cells[-1] == "0.25"    # update 48 over update 1
+    assert cells[cells.index("0.025") + 1] == "-"  # update 96 not logged
