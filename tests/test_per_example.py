@@ -1,5 +1,8 @@
 """`keras_clars.per_example_norms`: exact per-example complete norms (S = B).
 
+TensorFlow (tests/test_per_example_backends.py holds the tests that run on
+every backend).
+
 The norms are checked against a brute-force loop over the examples (one
 GradientTape per example, the example's loss alone), and one CLARS update
 through `fit` against the float64 reference of the spec fed with those
@@ -192,33 +195,7 @@ def test_batchnorm_contributions_sum_to_the_batch_gradient():
             err_msg=layer.name)
 
 
-def test_batchnorm_model_trains_with_mean_contribution_norms():
-    x, y = data(BATCH, shape=(8, 8, 2))
-    model = bn_model()
-    wrapped = fit_one_update(model, x, y)
-    statistics = wrapped.optimizer.layer_statistics()
-    for layer in (model.layers[1], model.layers[4], model.layers[-1]):
-        values = statistics[layer.trainable_weights[0].path]
-        assert values["complete_norm"] > values["gradient_norm"] > 0
-
-
 # ---------------------------------------------------------- no-ops, errors
-
-
-@pytest.mark.parametrize("make", [
-    lambda: LARS(learning_rate=LR, **HYPER),
-    lambda: keras.optimizers.SGD(0.1, momentum=0.9),
-], ids=["LARS", "SGD"])
-def test_wrapper_is_a_no_op_for_lars_and_keras_optimizers(make):
-    x, y = data(2 * BATCH)
-    plain, base = small_model(), small_model()
-    plain.compile(optimizer=make(), loss=loss_fn())
-    plain.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
-    wrapped = keras_clars.per_example_norms(base)
-    wrapped.compile(optimizer=make(), loss=loss_fn())
-    wrapped.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
-    for a, b in zip(plain.get_weights(), base.get_weights()):
-        np.testing.assert_array_equal(a, b)
 
 
 def _compile(model, **optimizer):

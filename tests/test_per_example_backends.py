@@ -1,11 +1,13 @@
-"""`keras_clars.per_example_norms` on JAX and PyTorch.
+"""`keras_clars.per_example_norms` on every backend.
 
-The same brute-force checks as tests/test_per_example.py (which runs them
-on TensorFlow, with the TensorFlow-only ones): the norms against one
-gradient per example, and one CLARS update through `fit` against the
-float64 reference. tests/test_backends.py runs this file under
-KERAS_BACKEND=jax and torch, in one subprocess per backend; on TensorFlow
-it skips. The JAX run has two CPU devices, for the DataParallel test.
+The brute-force checks of tests/test_per_example.py (which runs them on
+TensorFlow, with the TensorFlow-only tests) on JAX and PyTorch: the norms
+against one gradient per example, and one CLARS update through `fit`
+against the float64 reference. The BatchNorm semantics, the no-op and the
+unsupported-layer error run on every backend, TensorFlow included.
+tests/test_backends.py runs this file under KERAS_BACKEND=jax and torch,
+in one subprocess per backend. The JAX run has two CPU devices, for the
+DataParallel test.
 """
 
 import numpy as np
@@ -21,7 +23,7 @@ from per_example_models import (BATCH, HYPER, LR, NORM_TOLERANCE,
                                 conv_model, data, loss_fn, small_model)
 
 BACKEND = keras.backend.backend()
-pytestmark = pytest.mark.skipif(
+not_tensorflow = pytest.mark.skipif(
     BACKEND == "tensorflow", reason="TensorFlow: tests/test_per_example.py")
 
 
@@ -62,6 +64,7 @@ def fit_one_update(model, x, y, optimizer=None):
     return wrapped
 
 
+@not_tensorflow
 @pytest.mark.parametrize("form", ["chosen", "gram"])
 def test_norms_and_update_match_brute_force_and_reference(form, monkeypatch):
     if form != "chosen":
@@ -100,7 +103,7 @@ def test_batchnorm_model_trains_with_mean_contribution_norms():
     lambda: keras.optimizers.SGD(0.1, momentum=0.9),
 ], ids=["LARS", "SGD"])
 def test_wrapper_is_a_no_op_for_lars_and_keras_optimizers(make):
-    x, y = data(BATCH)
+    x, y = data(2 * BATCH)
     plain, base = small_model(), small_model()
     plain.compile(optimizer=make(), loss=loss_fn())
     plain.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
@@ -111,6 +114,7 @@ def test_wrapper_is_a_no_op_for_lars_and_keras_optimizers(make):
         np.testing.assert_array_equal(a, b)
 
 
+@not_tensorflow
 def test_unsupported_layer_raises_naming_the_layer():
     model = keras.Sequential([keras.Input((5, 2)), keras.layers.Conv1D(3, 2, name="c1"),
                               keras.layers.Flatten(), keras.layers.Dense(3)])
