@@ -32,6 +32,8 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+from benchmarks.timing import interleaved  # noqa: E402
+
 
 def _model(cpu):
     import keras
@@ -64,20 +66,6 @@ def _optimizers():
     }
 
 
-def _interleaved(functions, rounds):
-    """Seconds per call of each function, rounds interleaved, after one
-    untimed warm-up call each (trace and compile)."""
-    for fn in functions.values():
-        fn()
-    times = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def update(cpu, rounds):
     import jax
     import numpy as np
@@ -101,7 +89,7 @@ def update(cpu, rounds):
             state["w"], state["opt"] = w, o
 
         functions[name] = call
-    times = _interleaved(functions, rounds)
+    times = interleaved(functions, rounds)
     medians = {n: statistics.median(t) for n, t in times.items()}
     return {"seconds": medians, "all_s": times,
             "variables": len(variables),
@@ -136,7 +124,7 @@ def training(cpu, batch, rounds):
         model.train_on_batch(x, y)
         first[name] = time.perf_counter() - start
         functions[name] = (lambda m=model, x=x, y=y: m.train_on_batch(x, y))
-    times = _interleaved(functions, rounds)
+    times = interleaved(functions, rounds)
     medians = {n: statistics.median(t) for n, t in times.items()}
     return {"batch": batch, "first_step_s": first, "step_s": medians,
             "all_s": times,

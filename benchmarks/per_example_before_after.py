@@ -13,7 +13,8 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
+
+from benchmarks.timing import interleaved
 
 
 def main(before_path, rounds=15):
@@ -42,13 +43,9 @@ def main(before_path, rounds=15):
                 input_signature=spec)
             fn(a, d)  # trace
             versions[name].append((fn, a, d))
-    times = {name: [] for name in versions}
-    for _ in range(rounds):
-        for name, calls in versions.items():
-            start = time.perf_counter()
-            for fn, a, d in calls:
-                fn(a, d).numpy()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(
+        {name: (lambda calls=calls: [fn(a, d).numpy() for fn, a, d in calls])
+         for name, calls in versions.items()}, rounds, warmup=0)
     print(f"load average {os.getloadavg()}")
     for name, t in times.items():
         print(f"{name}: median {statistics.median(t):.3f} s, "

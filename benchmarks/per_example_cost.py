@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.timing import interleaved
+
 TARGET = 1.5
 ACCUMULATION_TARGET = 1.05
 
@@ -67,15 +69,11 @@ def build(name):
 
 def _interleaved(models, rounds, calls, x, y):
     """Seconds per `train_on_batch`, each round running `calls` steps of
-    every model in turn, so that load drifts hit all of them alike."""
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                model.train_on_batch(x, y)
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
+    every model (`benchmarks.timing.interleaved`, no warm-up)."""
+    times = interleaved(
+        {name: (lambda m=model: [m.train_on_batch(x, y) for _ in range(calls)])
+         for name, model in models.items()}, rounds, warmup=0)
+    return {name: [t / calls for t in seconds] for name, seconds in times.items()}
 
 
 def _data(shape, classes, batch, seed=0):
