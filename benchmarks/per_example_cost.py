@@ -1,6 +1,7 @@
 """The cost of exact per-example norms, against a plain CLARS step.
 
     .venv/bin/python -m benchmarks.per_example_cost [--out PATH] [--quick] [--parts P]
+        [--backend tensorflow|jax|torch]
 
 Three parts, one run:
 
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.timing import interleaved
+
 TARGET = 1.5
 ACCUMULATION_TARGET = 1.05
 
@@ -66,15 +69,11 @@ def build(name):
 
 def _interleaved(models, rounds, calls, x, y):
     """Seconds per `train_on_batch`, each round running `calls` steps of
-    every model in turn, so that load drifts hit all of them alike."""
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                model.train_on_batch(x, y)
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
+    every model (`benchmarks.timing.interleaved`, no warm-up)."""
+    times = interleaved(
+        {name: (lambda m=model: [m.train_on_batch(x, y) for _ in range(calls)])
+         for name, model in models.items()}, rounds, warmup=0)
+    return {name: [t / calls for t in seconds] for name, seconds in times.items()}
 
 
 def _data(shape, classes, batch, seed=0):
@@ -150,27 +149,27 @@ def run_child(model, variant, batch, steps, warmup):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def layer_plan(name, batch):
+def layer_forms(name, batch):
     """Per supported layer: form, sizes, estimated extra work and memory."""
-    from keras_clars import _per_example_tf as pe
+    import keras
+
+    from keras_clars.per_example import norm_forms
 
     model, _, _ = build(name)
+    layers = {layer.name: layer for layer in
+              model._flatten_layers(include_self=False, recursive=True)}
     rows = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not isinstance(layer, pe.SUPPORTED) or not layer.trainable_weights:
-            continue
-        a_shape = (batch,) + tuple(layer.input.shape[1:])
-        d_shape = (batch,) + tuple(layer.output.shape[1:])
-        form, tokens, k, c = pe.layer_plan(layer, a_shape, d_shape)
+    for layer_name, (form, tokens, k, c) in norm_forms(model, batch).items():
+        layer = layers[layer_name]
         t = tokens or 1
         groups = getattr(layer, "groups", 1)
         if form == "outer":
             extra, memory = batch * (k + c), 0
-        elif form == "ghost":
+        elif form == "gram":
             extra, memory = batch * t * t * (k + c) * groups, batch * t * t * groups
-        elif form == "depthwise":
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
             extra, memory = batch * t * k * c, batch * t * k * (c // max(
-                getattr(layer, "depth_multiplier", 1), 1))
+                layer.depth_multiplier, 1))
         else:
             # The per-example gradient, plus one shifted view of the input.
             kk = layer.kernel_size[0] * layer.kernel_size[1] if hasattr(
@@ -180,7 +179,7 @@ def layer_plan(name, batch):
         # The kernel gradient of the layer itself, for scale.
         kernel_grad = batch * t * k * c * groups if form != "outer" else batch * k * c
         rows.append({
-            "layer": layer.name, "type": type(layer).__name__, "form": form,
+            "layer": layer_name, "type": type(layer).__name__, "form": form,
             "T": tokens, "K": k, "C": c, "groups": groups,
             "extra_madds": extra, "kernel_grad_madds": kernel_grad,
             "extra_memory_mb": 4 * memory / 2**20,
@@ -234,6 +233,8 @@ def main(argv=None):
                         help="ResNet-20 only, fewer steps (a smoke run)")
     parser.add_argument("--parts", default="resnet20,resnet50,accumulation",
                         help="comma-separated subset of the three parts")
+    parser.add_argument("--backend", default=None,
+                        help="KERAS_BACKEND for the runs (default: as set)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--variant", default="clars")
@@ -243,11 +244,12 @@ def main(argv=None):
     parser.add_argument("--accumulation_batch", type=int, default=32)
     parser.add_argument("--accumulation_rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
     if args.child:
         return child(args)
 
     import keras
-    import tensorflow as tf
 
     parts = set(args.parts.split(","))
     cases = []
@@ -260,16 +262,17 @@ def main(argv=None):
                    + " ".join(sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "environment": {
-            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "backend": keras.backend.backend(), "keras": keras.__version__,
             "python": platform.python_version(), "cpus": os.cpu_count(),
             "load_average_at_start": os.getloadavg(),
         },
         "models": {},
     }
-    print(f"per-example norms vs plain CLARS; load average {os.getloadavg()}")
+    print(f"per-example norms vs plain CLARS on {keras.backend.backend()}; "
+          f"load average {os.getloadavg()}")
     header = (f"{'model':<9} {'batch':>5} {'CLARS s':>9} {'per-ex s':>9} "
               f"{'time x':>7} {'CLARS MB':>9} {'per-ex MB':>9} {'peak x':>7} "
-              f"{'step-mem x':>10}")
+              f"{'step-mem x':>10} {'first x':>8}")
     lines = []
     for model, batch, steps, warmup in cases:
         # Time: both variants in one process, steps interleaved. Memory:
@@ -286,11 +289,14 @@ def main(argv=None):
             "time_of_minima": wrapped["step_min_s"] / plain["step_min_s"],
             "peak_memory": wrapped["peak_rss_mb"] / plain["peak_rss_mb"],
             "step_memory": wrapped["step_memory_mb"] / max(plain["step_memory_mb"], 1),
+            # Trace, compile and first step, each variant alone in its process.
+            "first_step": (wrapped["first_step_s"]["per_example"]
+                           / plain["first_step_s"]["clars"]),
         }
         entry = {"clars": plain, "per_example": wrapped, "ratios": ratios,
                  "timing_run": both}
         missed = ratios["time"] > TARGET or ratios["peak_memory"] > TARGET
-        plan = layer_plan(model, batch)
+        plan = layer_forms(model, batch)
         entry["layers"] = plan
         entry["targets_met"] = not missed
         record["models"][model] = entry
@@ -334,14 +340,14 @@ def main(argv=None):
         json.dump(record, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print("\n| model | batch | CLARS step | per-example step | time x | "
-          "CLARS peak | per-example peak | peak x | step memory x |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "CLARS peak | per-example peak | peak x | step memory x | first step x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model, entry in record["models"].items():
         p, w, r = entry["clars"], entry["per_example"], entry["ratios"]
         print(f"| {model} | {p['batch']} | {p['step_s']:.3f} s | "
               f"{w['step_s']:.3f} s | {r['time']:.2f} | {p['peak_rss_mb']:.0f} MB | "
               f"{w['peak_rss_mb']:.0f} MB | {r['peak_memory']:.2f} | "
-              f"{r['step_memory']:.2f} |")
+              f"{r['step_memory']:.2f} | {r['first_step']:.2f} |")
     print(f"wrote {args.out}")
 
 

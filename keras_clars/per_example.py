@@ -10,6 +10,24 @@ def _uses_complete_norm(optimizer):
                         False))
 
 
+def _backend_step():
+    """The per-example train step of the current backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_clars._per_example_tf import train_step
+    elif backend == "jax":
+        from keras_clars._per_example_jax import train_step
+    elif backend == "torch":
+        from keras_clars._per_example_torch import train_step
+    else:
+        raise ValueError(
+            "per_example_norms must run on the TensorFlow, JAX or PyTorch "
+            f"backend; received backend={backend!r}. Use micro-batch samples "
+            "instead (gradient_accumulation_steps or several replicas)."
+        )
+    return train_step
+
+
 @keras.saving.register_keras_serializable(package="keras_clars")
 class PerExampleNormModel(keras.Model):
     """A model whose training step gives CLARS per-example sample norms.
@@ -42,14 +60,16 @@ class PerExampleNormModel(keras.Model):
     def compute_output_spec(self, inputs, *args, **kwargs):
         return self.base_model.compute_output_spec(inputs, *args, **kwargs)
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # TensorFlow and PyTorch: (data); JAX: (state, data).
         if self.optimizer is None or not _uses_complete_norm(self.optimizer):
             # LARS and Keras's optimizers take no sample norms: Keras's step.
-            return super().train_step(data)
-        from keras_clars import _per_example_tf
+            return super().train_step(*args)
+        from keras_clars import _per_example_norms
 
-        plan = _per_example_tf.plan(self, self.optimizer)
-        return _per_example_tf.train_step(self, data, plan)
+        targets = _per_example_norms.find_targets(
+            self, inner_optimizer(self.optimizer))
+        return _backend_step()(self, *args, targets)
 
     def get_config(self):
         return {
@@ -123,9 +143,13 @@ def per_example_norms(model):
     call too. With LARS or a Keras optimizer the wrapper is a
     no-op: the training step is Keras's own.
 
-    TensorFlow backend only: the norms need the gradients with respect to
-    the layers' outputs from the same backward pass, which this module
-    takes from `tf.GradientTape`.
+    Backends: TensorFlow, JAX and PyTorch. The norms need the gradients
+    with respect to the layers' outputs from the same backward pass: from
+    the `tf.GradientTape` on TensorFlow, from `torch.autograd.grad` on
+    PyTorch, and on JAX from a zero tap added to each layer's output and
+    differentiated with the weights. On JAX with a
+    `keras.distribution.DataParallel` distribution, the norms are one per
+    example of the global batch.
 
     Args:
         model: a Keras model (Functional, Sequential or subclassed) to be
@@ -137,8 +161,8 @@ def per_example_norms(model):
         `model` itself if it is already wrapped.
 
     Raises:
-        ValueError: on a backend other than TensorFlow, or if `model` is not
-            a Keras model.
+        ValueError: on a backend other than TensorFlow, JAX and PyTorch,
+            or if `model` is not a Keras model.
 
     Example:
 
@@ -157,15 +181,8 @@ def per_example_norms(model):
           (2019).
         - Opacus (Yousefpour et al., arXiv:2109.12298): GradSampleModule.
     """
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "per_example_norms must run on the TensorFlow backend; received "
-            f"backend={keras.backend.backend()!r}. It takes the gradients "
-            "with respect to each layer's output from the training step's "
-            "tf.GradientTape, which has no equivalent in Keras's "
-            f"{keras.backend.backend()} trainer yet. Use micro-batch samples "
-            "instead (gradient_accumulation_steps or several replicas)."
-        )
+    if keras.backend.backend() not in ("tensorflow", "jax", "torch"):
+        _backend_step()  # raises, naming the backend
     if isinstance(model, PerExampleNormModel):
         return model
     if not isinstance(model, keras.Model):
@@ -174,3 +191,23 @@ def per_example_norms(model):
             f"model={type(model).__name__}."
         )
     return PerExampleNormModel(model, name=f"{model.name}_per_example")
+
+
+def norm_forms(model, batch_size):
+    """How the per-example norms of each supported layer of `model` are
+    computed at `batch_size`: {layer name: (form, T, K, C)}.
+
+    `form` is "outer" (Dense on 2-D input), "explicit" or "gram" (see
+    `per_example_norms`), T the layer's output positions, K its kernel
+    inputs and C its outputs (per group). `model` must be built and
+    functional (each layer's input and output shapes known).
+    """
+    from keras_clars import _per_example_norms
+
+    forms = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, _per_example_norms.SUPPORTED) and layer.trainable_weights:
+            forms[layer.name] = _per_example_norms.layer_form(
+                layer, (batch_size,) + tuple(layer.input.shape[1:]),
+                (batch_size,) + tuple(layer.output.shape[1:]))
+    return forms

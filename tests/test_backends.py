@@ -1,12 +1,14 @@
 """The float64 reference tests on every Keras backend: JAX and PyTorch.
 
-tests/test_reference.py and tests/test_transforms.py are backend-agnostic;
+tests/test_reference.py, tests/test_transforms.py and
+tests/test_per_example_backends.py are backend-agnostic;
 the backend is fixed when Keras is imported, so each runs in a subprocess
 with KERAS_BACKEND set (TensorFlow runs them in this process). Each run must
-take under 90 s of CPU (about that in wall time on an idle 2-core machine;
+take under 150 s of CPU (about that in wall time on an idle 2-core machine;
 the wall-clock limit is only a guard against a hang, since a shared machine
 can be several times slower). JAX runs with float64 enabled
-(`JAX_ENABLE_X64=1`), as a float64 model needs there.
+(`JAX_ENABLE_X64=1`), as a float64 model needs there, and with two CPU
+devices, for the per-example DataParallel test.
 """
 
 import os
@@ -17,8 +19,9 @@ import sys
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-FILES = ("test_transforms.py", "test_reference.py")
-CPU_LIMIT_S = 90
+FILES = ("test_transforms.py", "test_reference.py",
+         "test_per_example_backends.py")
+CPU_LIMIT_S = 150
 WALL_LIMIT_S = 600
 
 
@@ -32,7 +35,8 @@ BACKENDS = {
     # flag, and runs the plain matrix) with weight decay on only (off
     # differs by a mask), and nesterov for CLARS only.
     "jax": dict(
-        env={"JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"},
+        env={"JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
         subset=" and ".join(f"not {name}" for name in (
             "(test_matches_reference and None])",
             "test_nesterov[LARS",

@@ -1,5 +1,8 @@
 """`keras_clars.per_example_norms`: exact per-example complete norms (S = B).
 
+TensorFlow (tests/test_per_example_backends.py holds the tests that run on
+every backend).
+
 The norms are checked against a brute-force loop over the examples (one
 GradientTape per example, the example's loss alone), and one CLARS update
 through `fit` against the float64 reference of the spec fed with those
@@ -19,62 +22,11 @@ import keras
 import tensorflow as tf
 
 import keras_clars
-from keras_clars import CLARS, LARS, _per_example_tf
+from keras_clars import CLARS, LARS, _per_example_norms
 from numpy_reference import reference_update
-
-HYPER = dict(momentum=0.9, trust_coefficient=0.02, weight_decay=1e-3)
-LR = 0.5
-BATCH = 6
-NORM_TOLERANCE = dict(rtol=2e-5, atol=1e-6)
-WEIGHT_TOLERANCE = dict(rtol=1e-5, atol=2e-6)
-
-
-def loss_fn():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def conv_model(seed=0):
-    """Dense, Conv2D (strided; dilated 'valid'; groups=2), DepthwiseConv2D,
-    and a Dense on 3-D input, without BatchNorm."""
-    inputs = keras.Input((9, 9, 2))
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same",
-                            activation="tanh")(inputs)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2,
-                                     activation="tanh")(x)
-    x = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="valid",
-                            groups=2, activation="tanh")(x)
-    x = keras.layers.Conv2D(6, 1, strides=1, activation="tanh")(x)
-    x = keras.layers.Reshape((1, -1))(x)
-    x = keras.layers.Dense(5, activation="tanh")(x)  # rank-3 input
-    x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(3)(x)
-    model = keras.Model(inputs, outputs)
-    rng = np.random.default_rng(seed)
-    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32")
-                       for w in model.get_weights()])
-    return model
-
-
-def small_model(seed=0):
-    """Conv2D (strided), DepthwiseConv2D and Dense: the subprocess's model."""
-    model = keras.Sequential([
-        keras.Input((9, 9, 2)),
-        keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="tanh"),
-        keras.layers.DepthwiseConv2D(3, activation="tanh"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
-    rng = np.random.default_rng(seed)
-    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32")
-                       for w in model.get_weights()])
-    return model
-
-
-def data(count, seed=1, shape=(9, 9, 2)):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(count,) + shape).astype("float32")
-    y = rng.integers(0, 3, size=count).astype("int32")
-    return x, y
+from per_example_models import (BATCH, HYPER, LR, NORM_TOLERANCE,
+                                WEIGHT_TOLERANCE, bn_model, brute_norms,
+                                conv_model, data, loss_fn, small_model)
 
 
 def per_example_gradients(model, x, y):
@@ -88,11 +40,6 @@ def per_example_gradients(model, x, y):
     return grads
 
 
-def brute_norms(samples):
-    return [np.mean([np.linalg.norm(s[l]) for s in samples])
-            for l in range(len(samples[0]))]
-
-
 def fit_one_update(model, x, y, optimizer=None, **fit):
     wrapped = keras_clars.per_example_norms(model)
     wrapped.compile(optimizer=optimizer or CLARS(learning_rate=LR, **HYPER),
@@ -102,11 +49,11 @@ def fit_one_update(model, x, y, optimizer=None, **fit):
     return wrapped
 
 
-@pytest.fixture(params=["chosen", "explicit", "ghost"])
+@pytest.fixture(params=["chosen", "explicit", "gram"])
 def form(request, monkeypatch):
     """Each layer's form as chosen, or forced to one form everywhere."""
     if request.param != "chosen":
-        monkeypatch.setattr(_per_example_tf, "choose",
+        monkeypatch.setattr(_per_example_norms, "choose",
                             lambda *args, form=request.param: form)
     return request.param
 
@@ -142,16 +89,16 @@ def test_norms_and_update_match_brute_force_and_reference(form):
 
 def test_chooser_takes_the_cheaper_form():
     # Late ResNet-50 stage: 7x7 outputs, 3x3x512 -> 512: the Gram form.
-    assert _per_example_tf.choose(49, 4608, 512) == "ghost"
+    assert _per_example_norms.choose(49, 4608, 512) == "gram"
     # Early stage: 56x56 outputs, 3x3x64 -> 64: explicit.
-    assert _per_example_tf.choose(3136, 576, 64) == "explicit"
-    assert _per_example_tf.choose(None, 10, 10) == "explicit"
+    assert _per_example_norms.choose(3136, 576, 64) == "explicit"
+    assert _per_example_norms.choose(None, 10, 10) == "explicit"
 
 
 def test_chunked_batch_gives_the_same_norms(monkeypatch):
     x, y = data(BATCH)
     reference = fit_one_update(small_model(), x, y).optimizer.layer_statistics()
-    monkeypatch.setattr(_per_example_tf, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_per_example_norms, "CHUNK_ELEMENTS", 64)
     chunked = fit_one_update(small_model(), x, y).optimizer.layer_statistics()
     assert len(chunked) == len(reference)
     for (path, values), got in zip(reference.items(), chunked.values()):
@@ -195,40 +142,23 @@ def test_accumulation_averages_over_the_window():
 # ------------------------------------------------------------- BatchNorm
 
 
-def bn_model(seed=0):
-    inputs = keras.Input((8, 8, 2))
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.Activation("relu")(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(3)(x)
-    model = keras.Model(inputs, outputs)
-    rng = np.random.default_rng(seed)
-    model.set_weights([
-        (1 + 0.1 * rng.normal(size=w.shape) if "gamma" in v.path or
-         "variance" in v.path else rng.normal(0, 0.5, w.shape)).astype("float32")
-        for v, w in zip(model.weights, model.get_weights())])
-    return model
-
-
 def test_batchnorm_contributions_sum_to_the_batch_gradient():
     """c_i = B * A_i^T D_i: sum_i c_i = B * g, norms as CLARS receives them."""
     x, y = data(BATCH, shape=(8, 8, 2))
     model = bn_model()
     wrapped = keras_clars.per_example_norms(model)
-    plan = _per_example_tf.plan(wrapped, CLARS())
-    recorder = _per_example_tf._Recorder(plan.layers)
+    targets = _per_example_norms.find_targets(wrapped, CLARS())
+    recorder = _per_example_norms.Recorder(targets.layers)
     with tf.GradientTape() as tape:
         with recorder:
             logits = wrapped(x, training=True)
         loss = loss_fn()(y, logits)
-    records = [recorder.records[id(layer)] for layer in plan.layers]
-    kernels = [layer.trainable_weights[0] for layer in plan.layers]
-    outputs = tape.gradient(loss, kernels + [z for _, _, z in records])
+    records = recorder.records()
+    kernels = [layer.trainable_weights[0] for layer in targets.layers]
+    outputs = tape.gradient(loss, kernels + [z for _, z in records])
     grads, ds = outputs[:len(kernels)], outputs[len(kernels):]
-    for (layer, a, _), d, kernel, grad in zip(records, ds, kernels, grads):
+    for layer, (a, _), d, kernel, grad in zip(targets.layers, records, ds,
+                                              kernels, grads):
         contributions = []
         kernel = kernel.value  # the tf.Variable
         for i in range(BATCH):
@@ -248,12 +178,12 @@ def test_batchnorm_contributions_sum_to_the_batch_gradient():
                                                     np.float64))
         np.testing.assert_allclose(np.sum(contributions, 0) / BATCH, grad,
                                    rtol=1e-4, atol=1e-6, err_msg=layer.name)
-        squared, _ = _per_example_tf.squared_norms(layer, a, d, True, False)
+        squared, _ = _per_example_norms.squared_norms(layer, a, d, True, False)
         if a.shape.rank != 4:
             continue
         # Unknown spatial shapes take the im2col (extract_patches) path.
         dynamic = tf.function(
-            lambda a, d, layer=layer: _per_example_tf.squared_norms(
+            lambda a, d, layer=layer: _per_example_norms.squared_norms(
                 layer, a, d, True, False)[0],
             input_signature=[tf.TensorSpec([None, None, None, a.shape[-1]]),
                              tf.TensorSpec([None, None, None, d.shape[-1]])])
@@ -265,33 +195,7 @@ def test_batchnorm_contributions_sum_to_the_batch_gradient():
             err_msg=layer.name)
 
 
-def test_batchnorm_model_trains_with_mean_contribution_norms():
-    x, y = data(BATCH, shape=(8, 8, 2))
-    model = bn_model()
-    wrapped = fit_one_update(model, x, y)
-    statistics = wrapped.optimizer.layer_statistics()
-    for layer in (model.layers[1], model.layers[4], model.layers[-1]):
-        values = statistics[layer.trainable_weights[0].path]
-        assert values["complete_norm"] > values["gradient_norm"] > 0
-
-
 # ---------------------------------------------------------- no-ops, errors
-
-
-@pytest.mark.parametrize("make", [
-    lambda: LARS(learning_rate=LR, **HYPER),
-    lambda: keras.optimizers.SGD(0.1, momentum=0.9),
-], ids=["LARS", "SGD"])
-def test_wrapper_is_a_no_op_for_lars_and_keras_optimizers(make):
-    x, y = data(2 * BATCH)
-    plain, base = small_model(), small_model()
-    plain.compile(optimizer=make(), loss=loss_fn())
-    plain.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
-    wrapped = keras_clars.per_example_norms(base)
-    wrapped.compile(optimizer=make(), loss=loss_fn())
-    wrapped.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
-    for a, b in zip(plain.get_weights(), base.get_weights()):
-        np.testing.assert_array_equal(a, b)
 
 
 def _compile(model, **optimizer):
@@ -352,9 +256,10 @@ def test_shared_layer_raises_at_the_first_step():
         wrapped.fit(np.ones((4, 4), "float32"), np.zeros(4, "int32"), verbose=0)
 
 
-def test_non_tensorflow_backend_raises(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ValueError, match="TensorFlow backend; received backend='jax'"):
+def test_other_backend_raises(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "openvino")
+    with pytest.raises(ValueError, match="TensorFlow, JAX or PyTorch backend; "
+                       "received backend='openvino'"):
         keras_clars.per_example_norms(conv_model())
 
 
@@ -425,7 +330,8 @@ WORKER = textwrap.dedent("""
     import keras
     import keras_clars
     from keras_clars import CLARS
-    import test_per_example as t
+    import per_example_models as t
+    import test_per_example
     from numpy_reference import reference_update
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -449,7 +355,7 @@ WORKER = textwrap.dedent("""
         for update in range(len(x) // (k * t.BATCH)):
             window = slice(update * k * t.BATCH, (update + 1) * k * t.BATCH)
             model.set_weights([w.astype("float32") for w in weights])
-            samples = t.per_example_gradients(model, x[window], y[window])
+            samples = test_per_example.per_example_gradients(model, x[window], y[window])
             weights, velocities, _ = reference_update(
                 weights, velocities, samples, learning_rate=t.LR,
                 complete=True, **t.HYPER)

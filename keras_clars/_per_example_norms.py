@@ -1,0 +1,510 @@
+"""The backend-free part of `keras_clars.per_example_norms` (private).
+
+Every backend computes the per-example norms from the same two tensors per
+layer: its input A and D = dL/dZ, the gradient of the (local mean) loss with
+respect to its pre-activation output Z. Only the way D is obtained in the
+one backward pass differs (`_per_example_tf`, `_per_example_jax`,
+`_per_example_torch`); everything here is `keras.ops`.
+
+Words, each with one meaning:
+
+- **target**: a trainable variable and the norm it gets: `("kernel",
+  layer)`, `("bias", layer)`, or None (the norm of the replica's mean
+  gradient, for variables excluded from layer adaptation). `find_targets`
+  decides them once per trace, with clear errors for what cannot be
+  computed; `Targets.layers` are the layers to record.
+- **record**: one layer's (A, Z) from the training forward pass
+  (`Recorder`), and then its (A, D).
+- **kind**: the layer's class among Dense, Conv2D and DepthwiseConv2D; one
+  function per kind computes its squared norms (`squared_norms`).
+- **form**: how one example's squared norm ||A_i^T D_i||^2 is computed:
+  `"outer"` (Dense on 2-D input: ||a_i||^2 ||d_i||^2), `"explicit"` (build
+  A_i^T D_i) or `"gram"` (the "ghost norm", sum_{t,t'} (a_t . a_t')
+  (d_t . d_t')). `choose` picks explicit or gram per layer by cost.
+- **T, K, C**: a layer's output positions ("tokens"), kernel inputs and
+  outputs per group.
+"""
+
+import keras
+from keras import ops
+
+# Above this many float32 elements per chunk, the batch is processed in
+# chunks (patches, per-example gradients or Gram matrices).
+CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32
+
+_DENSE = keras.layers.Dense
+_CONV2D = keras.layers.Conv2D
+_DEPTHWISE = keras.layers.DepthwiseConv2D
+_BATCH_NORM = keras.layers.BatchNormalization
+SUPPORTED = (_DENSE, _CONV2D, _DEPTHWISE)
+
+ALTERNATIVE = (
+    "Use micro-batch samples instead: CLARS without per_example_norms, with "
+    "gradient_accumulation_steps=k and/or several replicas (S = R * k samples)."
+)
+
+
+def _kind(layer):
+    for kind in SUPPORTED:
+        if isinstance(layer, kind):
+            return kind
+    return None
+
+
+def unsupported_reason(layer):
+    """Why `layer` is outside the supported set, or None if it is supported."""
+    kind = _kind(layer)
+    if kind is None:
+        return f"{type(layer).__name__} is not one of Dense, Conv2D, DepthwiseConv2D"
+    if type(layer).call is not kind.call:
+        return f"{type(layer).__name__} overrides {kind.__name__}.call"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return "quantized layers are not supported"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA layers are not supported"
+    if getattr(layer, "kernel_regularizer", None) is not None:
+        return (
+            "a kernel_regularizer adds a gradient that belongs to no example "
+            "(use the optimizer's coupled weight_decay instead)"
+        )
+    if kind is _CONV2D and getattr(layer, "rank", 2) != 2:
+        return f"{type(layer).__name__} of rank {layer.rank} is not supported"
+    return None
+
+
+# ---------------------------------------------------------------- targets
+
+
+class Targets:
+    """Per trainable variable, its target; and the layers to record."""
+
+    def __init__(self, targets, layers):
+        self.targets = targets  # ("kernel"|"bias", layer) or None, per variable
+        self.layers = layers  # the supported layers to record, in order
+
+
+def _is_adapted(optimizer, variable):
+    check = getattr(optimizer, "_is_layer_adapted", None)
+    if check is None:
+        return len(variable.shape) > 1
+    return bool(check(variable))
+
+
+def _owners(model):
+    owner = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for variable in getattr(layer, "_trainable_variables", []):
+            owner.setdefault(id(variable), layer)
+    return owner
+
+
+def find_targets(model, optimizer):
+    """The target of each of `model.trainable_variables`, for `optimizer`
+    (the CLARS itself, not a LossScaleOptimizer around it).
+
+    Raises:
+        ValueError: a layer-adapted variable whose per-example norm cannot be
+            computed (unsupported layer, BatchNorm gamma/beta, regularized
+            kernel), naming the layer and the alternative.
+    """
+    owner = _owners(model)
+    targets, layers = [], []
+    for variable in model.trainable_variables:
+        if not _is_adapted(optimizer, variable):
+            targets.append(None)
+            continue
+        layer = owner.get(id(variable))
+        _check_supported(variable, layer)
+        targets.append(("kernel" if len(variable.shape) > 1 else "bias", layer))
+        if all(layer is not other for other in layers):
+            layers.append(layer)
+    return Targets(targets, layers)
+
+
+def _check_supported(variable, layer):
+    path = getattr(variable, "path", variable.name)
+    if layer is None:
+        raise ValueError(
+            "Every layer-adapted variable must belong to a layer of the "
+            "model, whose input and output per_example_norms can reach; "
+            f"received variable={path!r}, owned by no layer. " + ALTERNATIVE
+        )
+    if isinstance(layer, _BATCH_NORM):
+        raise ValueError(
+            "BatchNormalization gamma and beta must be excluded from layer "
+            "adaptation (the default for rank-1 variables) to use "
+            "per_example_norms; received variable="
+            f"{path!r} of layer {layer.name!r}, un-excluded. " + ALTERNATIVE
+        )
+    reason = unsupported_reason(layer)
+    if reason is not None:
+        raise ValueError(
+            "Layers with layer-adapted variables must be Dense, Conv2D or "
+            "DepthwiseConv2D to use per_example_norms; received layer="
+            f"{layer.name!r} ({type(layer).__name__}; {reason}), "
+            f"variable={path!r}. Exclude it from layer adaptation, or "
+            + ALTERNATIVE[0].lower() + ALTERNATIVE[1:]
+        )
+
+
+# ---------------------------------------------------------------- records
+
+
+class Recorder:
+    """Records (A, Z) of each target layer during one forward pass.
+
+    While active, each layer's `call` is replaced on the instance by one
+    that runs the layer without its activation, adds the layer's tap to the
+    pre-activation output Z if `taps` are given (Z + p with p = 0: the
+    gradient with respect to p is D, for backends that differentiate with
+    respect to inputs only), records the layer's input A and Z, and applies
+    the activation.
+    """
+
+    def __init__(self, layers, taps=None):
+        self.layers = layers
+        self.taps = taps  # one zero tensor per layer, Z's shape, or None
+        self._records = {}  # id(layer) -> (A, Z)
+
+    def _hook(self, layer, tap):
+        original = layer.call
+
+        def call(*args, **kwargs):
+            inputs = args[0] if args else kwargs["inputs"]
+            activation = layer.__dict__.get("activation")
+            object.__setattr__(layer, "activation", None)
+            try:
+                z = original(*args, **kwargs)
+            finally:
+                object.__setattr__(layer, "activation", activation)
+            if id(layer) in self._records:
+                raise ValueError(
+                    "Layers must be called once per forward pass to use "
+                    f"per_example_norms; received layer={layer.name!r}, "
+                    "called more than once (shared weights). " + ALTERNATIVE
+                )
+            if tap is not None:
+                z = z + tap
+            self._records[id(layer)] = (inputs, z)
+            return activation(z) if activation is not None else z
+
+        return call
+
+    def __enter__(self):
+        taps = self.taps or [None] * len(self.layers)
+        for layer, tap in zip(self.layers, taps):
+            object.__setattr__(layer, "call", self._hook(layer, tap))
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            if "call" in layer.__dict__:
+                object.__delattr__(layer, "call")
+        return False
+
+    def records(self):
+        """[(A, Z)], one per layer, in `layers`' order."""
+        for layer in self.layers:
+            if id(layer) not in self._records:
+                raise ValueError(
+                    "Every layer with layer-adapted variables must be called "
+                    "in the model's forward pass, where per_example_norms "
+                    f"records its input and output; received layer="
+                    f"{layer.name!r}, not reached (its variables are used "
+                    "some other way). " + ALTERNATIVE
+                )
+        return [self._records[id(layer)] for layer in self.layers]
+
+
+# ------------------------------------------------------------------ forms
+
+
+def choose(tokens, k, c):
+    """'gram' or 'explicit': the cheaper form for one layer.
+
+    Per example, the explicit form A_i^T D_i costs about T * K * C
+    multiply-adds (and B * K * C memory); the Gram form
+    sum_{t,t'} (a_t . a_t') (d_t . d_t') costs T^2 * (K + C) (and B * T^2).
+    Unknown T (dynamic spatial shape) takes the explicit form.
+    """
+    if tokens is None:
+        return "explicit"
+    explicit = tokens * k * c
+    gram = tokens * tokens * (k + c)
+    return "gram" if gram < explicit else "explicit"
+
+
+def _static(dim):
+    return None if dim is None else int(dim)
+
+
+def _channels_first(layer):
+    return getattr(layer, "data_format", "channels_last") == "channels_first"
+
+
+def layer_form(layer, a_shape, d_shape):
+    """(form, T, K, C) of one layer, from static shapes (trace time)."""
+    if isinstance(layer, _DENSE):
+        k, c = _static(a_shape[-1]), _static(d_shape[-1])
+        if len(a_shape) == 2:
+            return "outer", 1, k, c
+        tokens = 1
+        for dim in a_shape[1:-1]:
+            tokens = None if dim is None or tokens is None else tokens * int(dim)
+        return choose(tokens, k, c), tokens, k, c
+    first = _channels_first(layer)
+    spatial = d_shape[2:] if first else d_shape[1:-1]
+    c = _static(d_shape[1] if first else d_shape[-1])
+    cin = _static(a_shape[1] if first else a_shape[-1])
+    tokens = None
+    if all(s is not None for s in spatial):
+        tokens = int(spatial[0]) * int(spatial[1])
+    kh, kw = layer.kernel_size
+    if isinstance(layer, _DEPTHWISE):
+        return "explicit", tokens, kh * kw, c
+    groups = layer.groups
+    c //= groups
+    return choose(tokens, kh * kw * cin // groups, c), tokens, kh * kw * cin // groups, c
+
+
+def _intermediate(form, tokens, k, c):
+    """float32 elements per example of the form's intermediate."""
+    if form == "gram":
+        return (tokens or 1) ** 2
+    if form == "explicit":
+        return k * c + (tokens or 1) * k
+    return 0
+
+
+# ------------------------------------------------------------------ maths
+
+
+def _f32(x):
+    return ops.cast(x, "float32")
+
+
+def _sum_all(tensors):
+    """The sum of same-shaped tensors.
+
+    TensorFlow: `tf.add_n`, one kernel, and the summation order of the
+    training runs recorded before this module was backend-free (a stacked
+    `ops.sum` rounds differently in TensorFlow's optimized graph, which
+    changed those runs' weights in the last bits).
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.add_n(tensors)
+    return ops.sum(ops.stack(tensors), axis=0)
+
+
+# Einsum patterns by rank: [b, T, K] blocks, or [b, T, G, K] with groups.
+_GRAM = {3: "btk,bsk->bts", 4: "btgk,bsgk->bgts"}
+_EXPLICIT = {3: "btk,btc->bkc", 4: "btgk,btgc->bgkc"}
+
+
+def _sum_per_example(x):
+    return ops.sum(x, axis=tuple(range(1, len(x.shape))))
+
+
+def token_norms(blocks, d, form):
+    """||A_i^T D_i||^2 per example, in `form`, for D [b, T, C] and A given
+    as column `blocks` [b, T, K_p] (A is their concatenation along K); or
+    per group, D [b, T, G, C] and blocks [b, T, G, K_p], summed over groups.
+
+    The blocks' kernel gradients are disjoint blocks of A_i^T D_i, so their
+    squared norms add (explicit), and A_i A_i^T is the sum of the blocks'
+    Gram matrices (gram).
+    """
+    rank = len(d.shape)
+    if form == "gram":
+        grams = _sum_all([ops.einsum(_GRAM[rank], x, x) for x in blocks])
+        return _sum_per_example(grams * ops.einsum(_GRAM[rank], d, d))
+    return _sum_all([
+        _sum_per_example(ops.square(ops.einsum(_EXPLICIT[rank], x, d)))
+        for x in blocks
+    ])
+
+
+def _bias_norms(d):
+    """||sum_t D_i(t)||^2 for d [b, ..., C]."""
+    rank = len(d.shape)
+    if rank > 2:
+        d = ops.sum(d, axis=tuple(range(1, rank - 1)))
+    return ops.sum(ops.square(d), axis=-1)
+
+
+def _chunked(fn, a, d, per_example_elements):
+    """fn(a, d) -> [b], run over chunks of the batch when memory is high."""
+    size = max(CHUNK_ELEMENTS // max(per_example_elements, 1), 1)
+    if a.shape[0] is not None and a.shape[0] <= size:
+        return fn(a, d)
+    batch = ops.shape(a)[0]
+
+    def run_all():
+        chunks = (batch + size - 1) // size
+        pad = chunks * size - batch
+        padded = [
+            ops.reshape(ops.pad(t, [[0, pad]] + [[0, 0]] * (len(t.shape) - 1)),
+                        (-1, size) + tuple(ops.shape(t)[1:]))
+            for t in (a, d)
+        ]
+        out = ops.map(lambda xs: fn(*xs), tuple(padded))
+        return ops.reshape(out, (-1,))[:batch]
+
+    if a.shape[0] is not None:
+        return run_all()
+    return ops.cond(batch <= size, lambda: fn(a, d), run_all)
+
+
+def _shifts(layer, a, out_h, out_w):
+    """The kh*kw shifted (strided, dilated) views of `a`, each [b, Ho, Wo, Cin].
+
+    Row t of view p is the input under kernel tap p at output position t:
+    the patches of `a` without building them (im2col would copy the input
+    kh*kw times at once; here one view at a time, with 'same' padding as
+    Keras computes it). Needs static spatial shapes.
+    """
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    if layer.padding == "same":
+        pads = []
+        for size, out, k, s, d in ((a.shape[1], out_h, kh, sh, dh),
+                                   (a.shape[2], out_w, kw, sw, dw)):
+            total = max((out - 1) * s + (k - 1) * d + 1 - int(size), 0)
+            pads.append([total // 2, total - total // 2])
+        if any(p for pair in pads for p in pair):
+            a = ops.pad(a, [[0, 0]] + pads + [[0, 0]])
+    return [a[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh,
+              j * dw:j * dw + (out_w - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+
+
+def _patches(layer, a):
+    """The receptive fields [b, Ho, Wo, kh*kw*Cin] (dynamic spatial shapes)."""
+    return ops.image.extract_patches(
+        a, tuple(layer.kernel_size), strides=tuple(layer.strides),
+        dilation_rate=tuple(layer.dilation_rate), padding=layer.padding,
+        data_format="channels_last")
+
+
+def _taps(layer, a, d):
+    """The input under each kernel tap, [b, T, 1, Cin] per tap; or, when
+    spatial shapes are dynamic, the patches as one block [b, T, kh*kw, Cin]."""
+    b = ops.shape(a)[0]
+    cin = a.shape[-1]
+    if all(x is not None for x in (*a.shape[1:3], *d.shape[1:3])):
+        return [ops.reshape(v, (b, -1, 1, cin))
+                for v in _shifts(layer, a, d.shape[1], d.shape[2])]
+    kk = layer.kernel_size[0] * layer.kernel_size[1]
+    return [ops.reshape(_patches(layer, a), (b, -1, kk, cin))]
+
+
+def _dense(layer, a, d):
+    form, tokens, k, c = layer_form(layer, a.shape, d.shape)
+    if form == "outer":
+        return ops.sum(ops.square(a), -1) * ops.sum(ops.square(d), -1)
+
+    def norms(a, d):
+        b = ops.shape(a)[0]
+        return token_norms([ops.reshape(a, (b, -1, k))],
+                           ops.reshape(d, (b, -1, c)), form)
+
+    return _chunked(norms, a, d, _intermediate(form, tokens, k, c))
+
+
+def _conv2d(layer, a, d):
+    """Groups are handled per group: their kernel blocks are disjoint."""
+    form, tokens, k, c = layer_form(layer, a.shape, d.shape)
+    groups, cin = layer.groups, a.shape[-1]
+
+    def norms(a, d):
+        b = ops.shape(a)[0]
+        blocks = _taps(layer, a, d)  # [b, T, taps, Cin]
+        if groups == 1:
+            return token_norms(
+                [ops.reshape(x, (b, -1, x.shape[2] * cin)) for x in blocks],
+                ops.reshape(d, (b, -1, c)), form)
+        # [b, T, G, taps * Cin / G], tap-major within each group.
+        blocks = [ops.reshape(ops.transpose(
+            ops.reshape(x, (b, -1, x.shape[2], groups, cin // groups)),
+            (0, 1, 3, 2, 4)), (b, -1, groups, x.shape[2] * cin // groups))
+            for x in blocks]
+        return token_norms(blocks, ops.reshape(d, (b, -1, groups, c)), form)
+
+    per_example = (tokens or 1) * (k + c) + _intermediate(form, tokens, k, c)
+    return _chunked(norms, a, d, per_example)
+
+
+def _depthwise(layer, a, d):
+    """Per input channel: K = kh*kw taps, C = depth_multiplier outputs."""
+    _, tokens, kk, _ = layer_form(layer, a.shape, d.shape)
+    cin, multiplier = a.shape[-1], layer.depth_multiplier
+
+    def norms(a, d):
+        b = ops.shape(a)[0]
+        dd = ops.reshape(d, (b, -1, cin, multiplier))
+        # Each tap's block [b, T, Cin, 1] against D [b, T, Cin, mult].
+        blocks = [ops.transpose(block, (0, 1, 3, 2)) for block in _taps(layer, a, d)]
+        return token_norms(blocks, dd, "explicit")
+
+    per_example = (tokens or 1) * (kk * cin + cin * multiplier) + kk * cin * multiplier
+    return _chunked(norms, a, d, per_example)
+
+
+_KERNEL_NORMS = {_DENSE: _dense, _CONV2D: _conv2d, _DEPTHWISE: _depthwise}
+
+
+def squared_norms(layer, a, d, kernel=True, bias=False):
+    """Per-example squared norms of A_i^T D_i (kernel) and sum_t D_i (bias).
+
+    Returns `(kernel, bias)`, each a float32 [b] tensor or None.
+    """
+    a, d = _f32(a), _f32(d)
+    if _channels_first(layer) and not isinstance(layer, _DENSE):
+        a, d = ops.transpose(a, (0, 2, 3, 1)), ops.transpose(d, (0, 2, 3, 1))
+    kernel_norms = _KERNEL_NORMS[_kind(layer)](layer, a, d) if kernel else None
+    bias_norms = _bias_norms(d) if bias else None
+    return kernel_norms, bias_norms
+
+
+# ---------------------------------------------------------- sample norms
+
+
+def sample_norms(targets, records, grads):
+    """The `sample_norms` for `layerwise.apply_with_sample_norms`, one per
+    variable, on the scale of `grads` (which undoes 1/R and the loss scale
+    on both).
+
+    `records` are (A, D) per target layer (D None if the loss does not
+    reach the layer).
+    """
+    by_layer = {}
+    for layer, (a, d) in zip(targets.layers, records):
+        wanted = {t[0] for t in targets.targets if t is not None and t[1] is layer}
+        if d is None:
+            zero = ops.zeros(ops.shape(a)[:1], "float32")
+            by_layer[id(layer)] = (zero, zero)
+            continue
+        by_layer[id(layer)] = squared_norms(
+            layer, a, d, "kernel" in wanted, "bias" in wanted)
+    norms = []
+    for target, grad in zip(targets.targets, grads):
+        if target is None:
+            if grad is None:
+                norms.append(ops.zeros((), "float32"))
+                continue
+            norm = ops.sqrt(ops.sum(ops.square(ops.reshape(
+                _f32(ops.convert_to_tensor(grad)), (-1,)))))
+            norms.append(norm)
+            continue
+        which, layer = target
+        kernel, bias = by_layer[id(layer)]
+        squared = kernel if which == "kernel" else bias
+        # c_i = B * A_i^T D_i, and D already holds the 1/B of the mean loss,
+        # so N_l = (1/B) * sum_i ||c_i|| = sum_i ||A_i^T D_i||.
+        norms.append(ops.sum(ops.sqrt(ops.maximum(squared, 0.0))))
+    return norms

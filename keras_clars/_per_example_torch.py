@@ -1,0 +1,43 @@
+"""PyTorch side of `keras_clars.per_example_norms` (private).
+
+Keras's PyTorch trainer runs eagerly. The `Recorder` keeps each target
+layer's input A and pre-activation output Z during the forward pass, and
+one `torch.autograd.grad` gives dL/dW for the variables and D = dL/dZ for
+the recorded outputs in a single backward pass.
+"""
+
+import torch
+from keras.src import tree
+import keras
+
+from keras_clars import _per_example_norms as norms_lib
+from keras_clars.layerwise import apply_with_sample_norms
+
+
+def train_step(model, data, targets):
+    """Keras's PyTorch train step, plus the per-example norms."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    optimizer = model.optimizer
+    recorder = norms_lib.Recorder(targets.layers)
+    with recorder:
+        if model._call_has_training_arg:
+            y_pred = model(x, training=True)
+        else:
+            y_pred = model(x)
+    model.zero_grad()
+    loss = model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    model._loss_tracker.update_state(
+        loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
+    loss = optimizer.scale_loss(loss)
+    records = recorder.records()
+    variables = model.trainable_weights[:]
+    outputs = torch.autograd.grad(
+        loss, [v.value for v in variables] + [z for _, z in records],
+        allow_unused=True)
+    grads, ds = outputs[:len(variables)], outputs[len(variables):]
+    with torch.no_grad():
+        norms = norms_lib.sample_norms(
+            targets, [(a.detach(), d) for (a, _), d in zip(records, ds)], grads)
+        apply_with_sample_norms(optimizer, list(grads), variables, norms)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
