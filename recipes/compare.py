@@ -130,10 +130,10 @@ def compare(methods, chosen_path=CHOSEN, overrides=(), output_dir=None, full_siz
         results.append({"method": method, "curve": curve.name, "lr_source": source,
                         "study_finals": study_finals, "record": result["record"]})
     if output_dir:
-        from keras_clars.callbacks import _write_json_atomically
+        from recipes.records import write_json
 
         os.makedirs(output_dir, exist_ok=True)
-        _write_json_atomically(os.path.join(output_dir, "results.json"), results, indent=1)
+        write_json(os.path.join(output_dir, "results.json"), results)
         r = results[0]["record"]
         c = r["config"]
         plots.plot_epochs(

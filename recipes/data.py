@@ -59,10 +59,15 @@ class Source:
         num_classes: number of labels.
         native_size: the images' side, or None when it varies (ImageNet).
         channels: image channels.
+        replayable: the examples come in the same order in every process
+            (in-memory arrays), so a resumed run can replay its data order;
+            tfds reads its files in an unseeded order.
     """
 
-    def __init__(self, dataset, num_examples, num_classes, native_size, channels):
+    def __init__(self, dataset, num_examples, num_classes, native_size, channels,
+                 replayable=False):
         self.dataset = dataset
+        self.replayable = replayable
         self.num_examples = num_examples
         self.num_classes = num_classes
         self.native_size = native_size
@@ -147,7 +152,7 @@ def load(name, split, data_dir=None, download=False, validation_examples=0,
         dataset = tf.data.Dataset.from_tensor_slices(
             (images[..., np.newaxis], labels.astype(np.int32))
         )
-        return Source(dataset, len(images), 10, 28, 1)
+        return Source(dataset, len(images), 10, 28, 1, replayable=True)
 
     import tensorflow_datasets as tfds
 
@@ -243,7 +248,7 @@ def resize_or_pool(images, image_size, native_size):
 
 
 def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=None,
-             seed=None, augment=True):
+             seed=None, augment=True, skip=0):
     """Batches a `Source` for `model.fit` / `model.evaluate`.
 
     Args:
@@ -256,6 +261,12 @@ def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=None
             split for 28-32 px datasets, 16384 for ImageNet.
         seed: the shuffle's seed (None: the global seed).
         augment: augment training batches (see the module docstring).
+        skip: leave out the first `skip` batches, after the shuffle and the
+            augmentation have drawn their random numbers for them: a run
+            resumed at micro-step `skip` sees the batches, in the same order
+            and with the same augmentation, that the uninterrupted run sees
+            from there (with deterministic ops, which make the random draws
+            sequential). It replays the input pipeline to that point.
     """
     dataset = source.dataset
     classes = source.num_classes
@@ -286,5 +297,7 @@ def pipeline(name, source, batch_size, image_size, training, shuffle_buffer=None
         )
         dataset = dataset.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
         dataset = dataset.batch(batch_size, drop_remainder=training)
+    if skip:
+        dataset = dataset.skip(skip)
     dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -376,10 +376,9 @@ class Study:
             "curve": curve.name, "phase": phase, "lr": lr, "seed": seed,
             "key": key(curve, lr, seed),
         })
-        from keras_clars.callbacks import _write_json_atomically
+        from recipes.records import write_json
 
-        _write_json_atomically(os.path.join(self.runs_dir, key(curve, lr, seed) + ".json"),
-                               record, indent=1)
+        write_json(os.path.join(self.runs_dir, key(curve, lr, seed) + ".json"), record)
         self.left -= 1
         self.done_now += 1
         test = record.get("test_accuracy")
