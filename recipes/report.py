@@ -10,7 +10,7 @@ the records is built once (`summarize`) and every table reads it.
 Verdicts are decided by a Welch t interval at 95% (`recipes.stats`): a
 difference counts only when its interval excludes 0, otherwise it is "not
 decided". A stable range is bounded only by a higher rate that broke (see
-`recipes.study.broken`); otherwise it is a lower bound.
+`recipes.study.Plan.broken`); otherwise it is a lower bound.
 
 Reading records needs no TensorFlow; matplotlib is imported only to draw.
 """
@@ -507,7 +507,8 @@ def verdicts_table(plan, summary):
             ra, rb = summary[a]["range"], summary[b]["range"]
             points = "" if ra is None or rb is None else (
                 f"{'' if ra.bounded else '≥ '}{ra.points} vs "
-                f"{'' if rb.bounded else '≥ '}{rb.points} points")
+                f"{'' if rb.bounded else '≥ '}{rb.points} points (tuning seed: one "
+                "run per rate, no interval)")
             lines.append(f"| 1. stable range, compared | {a} vs {b} | {points} | | "
                          f"{compare_ranges(ra, rb)} |")
     # Claim 3: epochs until the validation accuracy (mean over the finals)

@@ -247,8 +247,10 @@ class Plan:
                          f"{', '.join(c.name for c in self.curves)}.")
 
     def broken(self, accuracy, best):
-        """Whether a point ends a curve's stable range (`broken`)."""
-        return broken(accuracy, best)
+        """Whether a point ends a curve's stable range: diverged, or
+        `break_drop` or more below the curve's best."""
+        return (accuracy < report.DIVERGED_BELOW
+                or accuracy <= best - self.break_drop)
 
     def lr(self, curve, index):
         return curve.base * 2.0**index
@@ -292,11 +294,6 @@ class Plan:
             fields.update(layer_stats_interval=1, layer_stats_path=os.path.join(
                 out, "layer_statistics", f"{key(curve, lr, seed)}.json"))
         return train.Config(**fields)
-
-
-def broken(accuracy, best):
-    """Whether a point ends a curve's stable range: diverged, or far below."""
-    return accuracy < report.DIVERGED_BELOW or accuracy <= best - BREAK_DROP
 
 
 def key(curve, lr, seed):
@@ -418,7 +415,7 @@ class Study:
         while True:
             accuracies = self.accuracies(curve)
             top = max(accuracies)
-            if broken(accuracies[top], max(accuracies.values())):
+            if self.plan.broken(accuracies[top], max(accuracies.values())):
                 return top
             index = round(math.log2(top / curve.base)) + 1
             limit = (curve.start + self.plan.grid_points + self.plan.max_slides
