@@ -126,8 +126,7 @@ def make_optimizer(config, learning_rate, accumulation_steps=1,
         learning_rate, momentum=config.momentum,
         trust_coefficient=config.trust_coefficient, weight_decay=config.weight_decay or None,
         nesterov=config.nesterov, gradient_accumulation_steps=k,
-        **({} if excluded_learning_rate is None
-           else {"excluded_learning_rate": excluded_learning_rate}),
+        excluded_learning_rate=excluded_learning_rate,
     )
 
 
