@@ -132,7 +132,9 @@ def summarize(plan, records):
         the tuning seed, every phase), `window` (the lrs the choice is made
         among), `state` (`tuned`, `incomplete`, `not run yet`), `chosen` (lr
         or None), `finals` (records of the final seeds at the chosen lr) and
-        `range` (`StableRange` once tuned, else None).
+        `range` (`StableRange` once tuned, else None), and for a decoupled
+        curve `rates` (excluded rate -> record of the check at the chosen lr,
+        `Plan.rate_variants`).
     """
     by_curve = {}
     for record in records:
@@ -149,7 +151,11 @@ def summarize(plan, records):
         out[curve.name] = {
             "curve": curve, "tuning": tuning, "window": window, "state": state,
             "chosen": chosen, "finals": finals,
-            "range": stable_range(plan, tuning) if chosen is not None else None}
+            "range": stable_range(plan, tuning) if chosen is not None else None,
+            "rates": {} if chosen is None else {
+                variant.excluded: r for variant in plan.rate_variants(curve)
+                for r in by_curve.get(variant.name, [])
+                if r["study"]["seed"] == plan.tune_seed and r["study"]["lr"] == chosen}}
     return out
 
 
@@ -610,6 +616,48 @@ def decoupled_table(plan, summary):
     return "\n".join(lines) + "\n"
 
 
+def rates_table(plan, summary):
+    """The excluded rate's check: at each decoupled curve's chosen step, its
+    rate at the shared value and at the `Plan.rate_variants` multiples."""
+    rows = [e for e in summary.values() if e["curve"].excluded is not None]
+    if not rows:
+        return "No decoupled curves in this plan.\n"
+    rates = sorted({v.excluded for e in rows for v in plan.rate_variants(e["curve"])}
+                   | {e["curve"].excluded for e in rows})
+    lines = [
+        "The excluded rate's check: each decoupled curve at its chosen layers' "
+        "peak lr, with the biases' and BatchNorm's peak rate at the shared "
+        "value and at half and twice it (seed "
+        f"{plan.tune_seed}, final validation accuracy, %; one seed each: "
+        "descriptive). Capped: a neighbour beat the shared rate by "
+        f"{LOSS_POINTS:g} points or more, so the shared rate may cap the curve.",
+        "",
+        "| decoupled curve | layers' peak lr | "
+        + " | ".join(f"excluded {r:g}" for r in rates) + " | capped? |",
+        "|---|---|" + "---|" * (len(rates) + 1),
+    ]
+    for e in rows:
+        curve, chosen = e["curve"], e["chosen"]
+        if chosen is None:
+            lines.append(f"| {curve.name} | {e['state']} |" + " |" * (len(rates) + 1))
+            continue
+        runs = {**e["rates"], curve.excluded: e["tuning"][chosen]}
+        cells = [f"{100 * final_accuracy(runs[r]):.2f}{'†' * diverged(runs[r])}"
+                 if r in runs else NOT_RUN for r in rates]
+        shared = final_accuracy(runs[curve.excluded])
+        gains = {r: 100 * (final_accuracy(run) - shared) for r, run in e["rates"].items()}
+        if len(gains) < len(plan.rate_variants(curve)):
+            capped = NOT_RUN
+        else:
+            best = max(gains, key=gains.get)
+            capped = (f"yes: {gains[best]:+.2f} at {best:g}"
+                      if gains[best] >= LOSS_POINTS else
+                      f"no (best neighbour {gains[best]:+.2f} at {best:g})")
+        lines.append(f"| {curve.name} | {_lr(chosen)} | " + " | ".join(cells)
+                     + f" | {capped} |")
+    return "\n".join(lines) + "\n"
+
+
 def chosen_rates(plan, summary):
     """`chosen.json`: each curve's chosen rate, for the main job."""
     out = {}
@@ -640,6 +688,7 @@ TABLES = {
     "ablation": ablation_table,
     "verdicts": verdicts_table,
     "decoupled": decoupled_table,
+    "rates": rates_table,
 }
 
 

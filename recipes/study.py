@@ -54,7 +54,9 @@ Protocol:
   fixed at EXCLUDED_RATE (`--excluded_lr`, same warmup and decay) and the
   ladder moves only the adapted layers' step (base_lr * eta * ||w|| / N);
   LARS with and without warmup and CLARS at b = 1, 64, 256 and 1024, at
-  B = 4096, tuned as above, each window centred on its tied choice.
+  B = 4096, tuned as above, each window centred on its tied choice. Then,
+  at each chosen step, the excluded rate at half and twice EXCLUDED_RATE
+  (seed 0, phase "rates"), and the finals (seeds 1, 2 and 3).
 """
 
 import dataclasses
@@ -77,6 +79,9 @@ ETA = 0.01
 # (biases, BatchNorm), shared by its curves: the geometric middle of the
 # tied protocol's choices (LARS with warmup 2, without 4, CLARS 8 at B=4096).
 EXCLUDED_RATE = 4.0
+# At each decoupled curve's chosen step, the excluded rate is checked at these
+# multiples (seed 0, phase "rates"), so that no curve is capped by it.
+RATE_CHECK = (0.5, 2.0)
 # A curve is run until it breaks: up its ladder, past the tuning window, until
 # a point diverges or falls this far below the curve's best, at most
 # BREAK_POINTS points (then its stable range is only a lower bound).
@@ -252,6 +257,14 @@ class Plan:
         return (accuracy < report.DIVERGED_BELOW
                 or accuracy <= best - self.break_drop)
 
+    def rate_variants(self, curve):
+        """A decoupled curve with its excluded rate at each RATE_CHECK
+        multiple (the ±2x check); none for a tied curve."""
+        if curve.excluded is None:
+            return []
+        return [dataclasses.replace(curve, excluded=curve.excluded * f)
+                for f in RATE_CHECK]
+
     def lr(self, curve, index):
         return curve.base * 2.0**index
 
@@ -406,6 +419,16 @@ class Study:
             if self.execute(curve, chosen, seed, phase) is None:
                 return
 
+    def check_rates(self, curve):
+        """Runs the chosen step at each of `Plan.rate_variants` (seed 0)."""
+        chosen = self.plan.tuning_state(curve, self.accuracies(curve))[2]
+        if chosen is None:
+            print(f"{curve.name}: not tuned yet; its rate check waits.", flush=True)
+            return
+        for variant in self.plan.rate_variants(curve):
+            if self.execute(variant, chosen, self.plan.tune_seed, "rates") is None:
+                return
+
     def until_broken(self, curve):
         """Runs up the ladder from the highest lr run, after tuning, until a
         point breaks (see BREAK_DROP); the lr that broke, or None."""
@@ -440,9 +463,16 @@ class Study:
                 for curve in self.selected():
                     self.until_broken(curve)
             elif phase == "decoupled":
-                for curve in self.selected(decoupled=True):
+                # Every curve tuned and run until it breaks first, then the
+                # excluded rate's check, then the finals.
+                curves = self.selected(decoupled=True)
+                for curve in curves:
                     self.tune(curve)
                     self.until_broken(curve)
+                for curve in curves:
+                    self.check_rates(curve)
+                for curve in curves:
+                    self.finals(curve, "final")
 
     def status(self):
         lines = []

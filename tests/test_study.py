@@ -152,6 +152,26 @@ def test_decoupled_comparison_works_with_incomplete_data():
     assert "| B4096_lars_warmup_b256_x4 | not run yet |" in table
 
 
+def test_rate_check_reads_the_variants_at_the_chosen_step():
+    plan = study.Plan()
+    name = "B4096_lars_nowarmup_b256_x4"
+    curve = plan.curve(name)
+    assert [v.name for v in plan.rate_variants(curve)] == [
+        "B4096_lars_nowarmup_b256_x2", "B4096_lars_nowarmup_b256_x8"]
+    assert plan.rate_variants(plan.curve("B4096_lars_nowarmup_b256")) == []
+    window = {0.5: 0.84, 1: 0.85, 2: 0.87, 4: 0.88, 8: 0.89, 16: 0.875}
+    records = (_records(name, window) + _records(
+        "B4096_lars_nowarmup_b256_x2", {8: 0.86, 4: 0.99}, "rates"))
+    row = [line for line in report.rates_table(
+        plan, report.summarize(plan, records)).splitlines() if name in line]
+    # Only the chosen step's check counts (lr 4's run is another step).
+    assert row == [f"| {name} | 8 | 86.00 | 89.00 | not run yet | not run yet |"]
+    records += _records("B4096_lars_nowarmup_b256_x8", {8: 0.915}, "rates")
+    row = [line for line in report.rates_table(
+        plan, report.summarize(plan, records)).splitlines() if name in line]
+    assert row == [f"| {name} | 8 | 86.00 | 89.00 | 91.50 | yes: +2.50 at 8 |"]
+
+
 def test_committed_tables_equal_the_regenerated_ones():
     plan = study.Plan()
     records = report.load_records(os.path.join(RESULTS, "runs"))
