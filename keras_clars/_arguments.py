@@ -31,6 +31,17 @@ ARGS_DOCSTRING = """
         gradient_accumulation_steps: k, an int >= 2, or None. The weights
             move on every k-th call to `apply()`, by the mean of the k
             micro-step gradients. Works under every tf.distribute strategy.
+        noise_scale: also estimate the gradient noise scale B_simple
+            (McCandlish et al. 2018) from the update's gradient samples
+            (docs/noise_scale.md): `gradient_noise_scale()`, and per layer in
+            `layer_statistics()`. Off (False) computes nothing extra.
+        noise_scale_decay: the decay, in [0, 1), of the moving averages of
+            the estimates of |G|^2 and tr(Sigma) (each averaged apart); the
+            default 0.95 averages over about the last 20 updates.
+        sample_size: b, the examples in each gradient sample when the
+            samples are replicas' micro-batches or accumulation micro-steps
+            (the per-replica micro-batch size); needed by `noise_scale`
+            there, and not with per-example norms (b = 1).
         excluded_learning_rate: the rate of the variables that take no
             trust ratio (biases, BatchNorm's gamma and beta, and those named
             in `exclude_from_layer_adaptation`): a float >= 0, a
@@ -96,7 +107,8 @@ def _rate_or_schedule(name, value):
 
 def check(owner, learning_rate, momentum, trust_coefficient, weight_decay,
           epsilon, nesterov, gradient_accumulation_steps, use_ema,
-          excluded_learning_rate):
+          excluded_learning_rate, noise_scale=False, noise_scale_decay=0.95,
+          sample_size=None):
     """The constructor's arguments, checked, as a dict of the numbers (as
     floats) and rates it takes; `owner` is the class name, for messages."""
     if isinstance(learning_rate, (int, float)) and not isinstance(
@@ -128,9 +140,19 @@ def check(owner, learning_rate, momentum, trust_coefficient, weight_decay,
     if use_ema:
         raise ValueError(f"use_ema=True is not supported by {owner}; "
                          f"received use_ema={use_ema}.")
+    if not isinstance(noise_scale, bool):
+        raise ValueError(f"noise_scale must be True or False; received "
+                         f"noise_scale={noise_scale!r}.")
+    noise_scale_decay = _checked("noise_scale_decay", noise_scale_decay,
+                                 "in [0, 1)", lambda x: 0 <= x < 1)
+    if sample_size is not None and (isinstance(sample_size, bool) or not
+                                    isinstance(sample_size, int) or sample_size < 1):
+        raise ValueError("sample_size must be an int >= 1 or None; received "
+                         f"sample_size={sample_size!r}.")
     return dict(learning_rate=learning_rate, momentum=momentum,
                 trust_coefficient=trust_coefficient, weight_decay=weight_decay,
-                epsilon=epsilon, excluded_learning_rate=excluded_learning_rate)
+                epsilon=epsilon, excluded_learning_rate=excluded_learning_rate,
+                noise_scale_decay=noise_scale_decay)
 
 
 class Configuration:
@@ -230,6 +252,9 @@ class Configuration:
                 "excluded_learning_rate": (
                     keras.saving.serialize_keras_object(rate)
                     if _is_schedule(rate) else rate),
+                "noise_scale": self.noise_scale,
+                "noise_scale_decay": self.noise_scale_decay,
+                "sample_size": self.sample_size,
                 # Exclusions by name are configuration (spec); by variable
                 # identity they cannot be.
                 "exclude_from_layer_adaptation": list(self._no_adaptation_names),

@@ -13,6 +13,7 @@ example of the global batch, as on one device.
 """
 
 import jax
+from keras.src import tree
 from keras import StatelessScope
 import keras
 
@@ -41,13 +42,14 @@ def train_step(model, state, data, targets):
         loss_and_records, argnums=(0, 1), has_aux=True)(trainable, taps)
     unscaled_loss, y_pred, non_trainable, metrics_variables = aux
 
-    norms = norms_lib.sample_norms(
-        targets, [(a, d) for (a, _), d in zip(records, ds)], grads)
+    samples = norms_lib.samples(
+        targets, [(a, d) for (a, _), d in zip(records, ds)], grads,
+        next(i for i in tree.flatten(x) if i is not None).shape[0])
     # `optimizer.stateless_apply`, with the norms handed over.
     mapping = (list(zip(optimizer._trainable_variables, trainable))
                + list(zip(optimizer.variables, optimizer_variables)))
     with StatelessScope(state_mapping=mapping) as scope:
-        apply_with_sample_norms(optimizer, grads, None, norms)
+        apply_with_sample_norms(optimizer, grads, None, **samples)
     trainable = [scope.get_current_value(v)
                  for v in optimizer._trainable_variables]
     optimizer_variables = [scope.get_current_value(v)

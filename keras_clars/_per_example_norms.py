@@ -76,11 +76,20 @@ def unsupported_reason(layer):
 
 
 class Targets:
-    """Per trainable variable, its target; and the layers to record."""
+    """Per trainable variable, its target; and the layers to record.
 
-    def __init__(self, targets, layers):
+    `complete`: CLARS wants the sample norms (N_l) of its adapted
+    variables; `noise`: the noise scale wants the per-example squared norms
+    of every variable that has them (`adapted[j]` False: the noise scale's
+    only).
+    """
+
+    def __init__(self, targets, layers, adapted, complete, noise):
         self.targets = targets  # ("kernel"|"bias", layer) or None, per variable
         self.layers = layers  # the supported layers to record, in order
+        self.adapted = adapted
+        self.complete = complete
+        self.noise = noise
 
 
 def _is_adapted(optimizer, variable):
@@ -100,7 +109,10 @@ def _owners(model):
 
 def find_targets(model, optimizer):
     """The target of each of `model.trainable_variables`, for `optimizer`
-    (the CLARS itself, not a LossScaleOptimizer around it).
+    (the CLARS, or LARS with `noise_scale=True`, itself, not a
+    LossScaleOptimizer around it). With the noise scale, a variable that is
+    not layer-adapted still gets a target if its layer is supported (else
+    its sample is the replica's gradient).
 
     Raises:
         ValueError: a layer-adapted variable whose per-example norm cannot be
@@ -108,17 +120,21 @@ def find_targets(model, optimizer):
             kernel), naming the layer and the alternative.
     """
     owner = _owners(model)
-    targets, layers = [], []
+    noise = bool(getattr(optimizer, "noise_scale", False))
+    targets, layers, adapted = [], [], []
     for variable in model.trainable_variables:
-        if not _is_adapted(optimizer, variable):
+        layer = owner.get(id(variable))
+        adapted.append(_is_adapted(optimizer, variable))
+        if adapted[-1]:
+            _check_supported(variable, layer)
+        elif not (noise and layer is not None and unsupported_reason(layer) is None):
             targets.append(None)
             continue
-        layer = owner.get(id(variable))
-        _check_supported(variable, layer)
         targets.append(("kernel" if len(variable.shape) > 1 else "bias", layer))
         if all(layer is not other for other in layers):
             layers.append(layer)
-    return Targets(targets, layers)
+    return Targets(targets, layers, adapted,
+                   bool(getattr(optimizer, "uses_complete_norm", False)), noise)
 
 
 def _check_supported(variable, layer):
@@ -474,10 +490,11 @@ def squared_norms(layer, a, d, kernel=True, bias=False):
 # ---------------------------------------------------------- sample norms
 
 
-def sample_norms(targets, records, grads):
-    """The `sample_norms` for `layerwise.apply_with_sample_norms`, one per
-    variable, on the scale of `grads` (which undoes 1/R and the loss scale
-    on both).
+def samples(targets, records, grads, examples):
+    """The keyword arguments of `layerwise.apply_with_sample_norms` for this
+    replica's `examples` examples: `sample_norms` (CLARS), and with the
+    noise scale `squared_sample_norms` and `examples`, one per variable, on
+    the scale of `grads` (which undoes 1/R and the loss scale on all).
 
     `records` are (A, D) per target layer (D None if the loss does not
     reach the layer).
@@ -491,20 +508,27 @@ def sample_norms(targets, records, grads):
             continue
         by_layer[id(layer)] = squared_norms(
             layer, a, d, "kernel" in wanted, "bias" in wanted)
-    norms = []
-    for target, grad in zip(targets.targets, grads):
-        if target is None:
+    norms, squares = [], []
+    for target, grad, adapted in zip(targets.targets, grads, targets.adapted):
+        squared = None
+        if target is not None:
+            which, layer = target
+            kernel, bias = by_layer[id(layer)]
+            squared = ops.maximum(kernel if which == "kernel" else bias, 0.0)
+        if squared is None or not adapted:
             if grad is None:
                 norms.append(ops.zeros((), "float32"))
-                continue
-            norm = ops.sqrt(ops.sum(ops.square(ops.reshape(
-                _f32(ops.convert_to_tensor(grad)), (-1,)))))
-            norms.append(norm)
-            continue
-        which, layer = target
-        kernel, bias = by_layer[id(layer)]
-        squared = kernel if which == "kernel" else bias
-        # c_i = B * A_i^T D_i, and D already holds the 1/B of the mean loss,
-        # so N_l = (1/B) * sum_i ||c_i|| = sum_i ||A_i^T D_i||.
-        norms.append(ops.sum(ops.sqrt(ops.maximum(squared, 0.0))))
-    return norms
+            else:
+                norms.append(ops.sqrt(ops.sum(ops.square(ops.reshape(
+                    _f32(ops.convert_to_tensor(grad)), (-1,))))))
+        else:
+            # c_i = B * A_i^T D_i, and D already holds the 1/B of the mean
+            # loss, so N_l = (1/B) * sum_i ||c_i|| = sum_i ||A_i^T D_i||.
+            norms.append(ops.sum(ops.sqrt(squared)))
+        # and (1/B) * sum_i ||c_i||^2 = B * sum_i ||A_i^T D_i||^2.
+        squares.append(None if squared is None else
+                       ops.cast(examples, "float32") * ops.sum(squared))
+    out = {"sample_norms": norms if targets.complete else None}
+    if targets.noise:
+        out.update(squared_sample_norms=squares, examples=examples)
+    return out

@@ -23,6 +23,7 @@ def train_step(model, data, targets):
 
     optimizer = model.optimizer
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    examples = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
     recorder = norms_lib.Recorder(targets.layers)
     with tf.GradientTape() as tape:
         with recorder:
@@ -35,16 +36,14 @@ def train_step(model, data, targets):
         )
         model._loss_tracker.update_state(
             loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=tf.shape(
-                next(i for i in tree.flatten(x) if i is not None)
-            )[0],
+            sample_weight=examples,
         )
         loss = optimizer.scale_loss(loss)
     records = recorder.records()
     variables = model.trainable_weights
     outputs = tape.gradient(loss, list(variables) + [z for _, z in records])
     grads, ds = outputs[: len(variables)], outputs[len(variables):]
-    norms = norms_lib.sample_norms(
-        targets, [(a, d) for (a, _), d in zip(records, ds)], grads)
-    apply_with_sample_norms(optimizer, grads, variables, norms)
+    samples = norms_lib.samples(
+        targets, [(a, d) for (a, _), d in zip(records, ds)], grads, examples)
+    apply_with_sample_norms(optimizer, grads, variables, **samples)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -17,6 +17,7 @@ from keras_clars.layerwise import apply_with_sample_norms
 def train_step(model, data, targets):
     """Keras's PyTorch train step, plus the per-example norms."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    examples = next(i for i in tree.flatten(x) if i is not None).shape[0]
     optimizer = model.optimizer
     recorder = norms_lib.Recorder(targets.layers)
     with recorder:
@@ -28,7 +29,7 @@ def train_step(model, data, targets):
     loss = model._compute_loss(
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
     model._loss_tracker.update_state(
-        loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
+        loss, sample_weight=examples)
     loss = optimizer.scale_loss(loss)
     records = recorder.records()
     variables = model.trainable_weights[:]
@@ -37,7 +38,7 @@ def train_step(model, data, targets):
         allow_unused=True)
     grads, ds = outputs[:len(variables)], outputs[len(variables):]
     with torch.no_grad():
-        norms = norms_lib.sample_norms(
-            targets, [(a.detach(), d) for (a, _), d in zip(records, ds)], grads)
-        apply_with_sample_norms(optimizer, list(grads), variables, norms)
+        samples = norms_lib.samples(
+            targets, [(a.detach(), d) for (a, _), d in zip(records, ds)], grads, examples)
+        apply_with_sample_norms(optimizer, list(grads), variables, **samples)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

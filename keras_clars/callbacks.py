@@ -39,26 +39,33 @@ def layerwise_optimizer(optimizer):
 
 
 def read_layer_statistics(optimizer):
-    """The last update's statistics: one read of one optimizer variable.
+    """The last update's statistics: one read per statistics variable.
 
     Args:
         optimizer: a built `LARS` or `CLARS`, or a LossScaleOptimizer
             wrapping one.
 
     Returns:
-        `(update, paths, values)`: the update index (`iterations`), the
-        variables' paths in model order, and a float32 array of shape
-        `(len(paths), len(STATISTICS))`. `optimizer.layer_statistics()` holds
-        the same numbers as a dict.
+        `(update, paths, names, values)`: the update index (`iterations`),
+        the variables' paths in model order, the statistics' names
+        (`STATISTICS`, and with `noise_scale=True` the noise scale's), and
+        a float32 array of shape `(len(paths), len(names))`.
+        `optimizer.layer_statistics()` holds the same numbers as a dict.
     """
     optimizer = layerwise_optimizer(optimizer)
     if not optimizer.built:
         raise ValueError("The optimizer is not built yet: no update has run.")
-    # All layers' statistics live in one (layers, STATISTICS) variable.
-    values = np.asarray(ops.convert_to_numpy(optimizer._statistics.value),
-                        np.float32)
+    names, values = optimizer.statistics_table()
     update = int(ops.convert_to_numpy(optimizer.iterations))
-    return update, list(optimizer._paths), values
+    return update, list(optimizer._paths), names, values
+
+
+def blocks(paths, block_fn=None):
+    """{block: [paths]} in model order, by `block_fn` (default `block_of`)."""
+    out = {}
+    for path in paths:
+        out.setdefault((block_fn or block_of)(path), []).append(path)
+    return out
 
 
 def block_of(path):
@@ -187,14 +194,23 @@ class LayerStatisticsLogger(_EveryUpdates):
     first update of the run and then every `interval` updates, and at the
     end of training.
 
+    With `noise_scale=True` on the optimizer it also logs the gradient
+    noise scale (docs/noise_scale.md): per layer, the statistics of
+    `layer_statistics()` (`mean_squared_sample_norm`, ...), and B_simple for
+    the model and per block.
+
     TensorBoard (`log_dir`; needs TensorFlow, on any Keras backend), at step
     = the update index:
         - `layers/<block>/<variable>/<statistic>`: one scalar per layer;
-        - `histograms/<statistic>`: each statistic across layers;
-        - `coherence/mean` and `coherence/min`: across layers.
+        - `histograms/<statistic>`: each of `STATISTICS` across layers;
+        - `coherence/mean` and `coherence/min`: across layers;
+        - `noise_scale/b_simple` and `noise_scale/blocks/<block>`: B_simple,
+          when it has a value (never a stand-in for a missing one).
 
     JSON (`json_path`): the records, rewritten atomically at each epoch's end
-    and at the end of training; read it with `load_layer_statistics`.
+    and at the end of training; read it with `load_layer_statistics`. With
+    the noise scale each record carries `b_simple` (the model's, or None)
+    and `b_simple_blocks` ({block: value or None}).
 
     The reading is one device-to-host transfer per record. Works when the
     optimizer is wrapped in a LossScaleOptimizer (mixed precision).
@@ -236,7 +252,8 @@ class LayerStatisticsLogger(_EveryUpdates):
             "optimizer": type(optimizer).__name__,
             "gradient_accumulation_steps": self._steps,
             "interval": self.interval,
-            "statistics": list(STATISTICS),
+            "statistics": optimizer.statistics_table()[0] if optimizer.built
+            else list(STATISTICS),
             "layers": None,
             "adapted": None,
         }
@@ -257,33 +274,36 @@ class LayerStatisticsLogger(_EveryUpdates):
         optimizer = self._optimizer()
         if not optimizer.built:  # `fit` ran no step
             return
-        update, paths, values = read_layer_statistics(optimizer)
+        update, paths, names, values = read_layer_statistics(optimizer)
         if update == self._last_update or update == 0:
             return
         self._last_update = update
-        self._header["layers"] = paths
-        self._header["adapted"] = [bool(a) for a in optimizer._adapted]
-        self.records.append(
-            {
-                "update": update,
-                "epoch": self._epoch,
-                "values": {s: _floats(values[:, i]) for i, s in enumerate(STATISTICS)},
-            }
-        )
+        self._header.update(layers=paths, statistics=names,
+                            adapted=[bool(a) for a in optimizer._adapted])
+        record = {
+            "update": update,
+            "epoch": self._epoch,
+            "values": {s: _floats(values[:, i]) for i, s in enumerate(names)},
+        }
+        noise = None
+        if optimizer.noise_scale:
+            noise = optimizer.gradient_noise_scale(blocks(paths, self.block_fn))
+            record.update(b_simple=noise["b_simple"], b_simple_blocks=noise["blocks"])
+        self.records.append(record)
         if self.log_dir is not None:
-            self._summarize(update, paths, values)
+            self._summarize(update, paths, names, values, noise)
 
-    def _summarize(self, update, paths, values):
+    def _summarize(self, update, paths, names, values, noise):
         import tensorflow as tf
         from tensorboard.plugins.scalar import metadata
 
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
             tags = tf.constant(
-                [f"{tag_of(p, self.block_fn)}/{s}" for p in paths for s in STATISTICS]
+                [f"{tag_of(p, self.block_fn)}/{s}" for p in paths for s in names]
             )
             scalar = metadata.create_summary_metadata(display_name=None, description=None)
-            coherence = STATISTICS.index("coherence")
+            coherence = names.index("coherence")
 
             # A graph with one summary op in a loop: an eager loop over the
             # tags, or an unrolled graph, costs far more per record or to
@@ -298,7 +318,7 @@ class LayerStatisticsLogger(_EveryUpdates):
                         return (i + 1,)
 
                     tf.while_loop(lambda i: i < tf.size(tags), write_one, (0,))
-                    for j, stat in enumerate(STATISTICS):
+                    for j, stat in enumerate(names[:len(STATISTICS)]):
                         tf.summary.histogram(f"histograms/{stat}", values[:, j])
                     tf.summary.scalar(
                         "coherence/mean", tf.reduce_mean(values[:, coherence])
@@ -309,6 +329,13 @@ class LayerStatisticsLogger(_EveryUpdates):
 
             self._write = write
         self._write(tf.constant(values), tf.constant(update, tf.int64))
+        if noise is not None:
+            with self._writer.as_default(step=update):
+                if noise["b_simple"] is not None:
+                    tf.summary.scalar("noise_scale/b_simple", noise["b_simple"])
+                for block, value in noise["blocks"].items():
+                    if value is not None:
+                        tf.summary.scalar(f"noise_scale/blocks/{block}", value)
 
     def _save(self):
         if self._writer is not None:

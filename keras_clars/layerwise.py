@@ -28,20 +28,17 @@ The learning rate is evaluated at the update index `iterations`, which counts
 updates, not micro-steps.
 """
 
-import contextlib
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_clars import _arguments, transforms
+from keras_clars import _arguments, _layers, _noise_scale, _samples, transforms
+from keras_clars._samples import apply_with_sample_norms, inner_optimizer  # noqa: F401
 
-# The one backend check, at import as in Keras: TensorFlow's fast paths, or
-# the same functions in `keras.ops`.
-if keras.backend.backend() == "tensorflow":
-    from keras_clars import _tensorflow as _backend
-else:
-    from keras_clars import _generic as _backend
+# TensorFlow's fast paths, or the same functions in `keras.ops`, chosen once.
+_backend = _layers.backend
 
 # Per-layer scalars kept from the last update, in this order.
 STATISTICS = ("trust_ratio", "complete_norm", "gradient_norm", "weight_norm",
@@ -57,115 +54,6 @@ ONE_SAMPLE_WARNING = (
 )
 
 
-def inner_optimizer(optimizer):
-    """`optimizer` without its `LossScaleOptimizer` wrappers, if any."""
-    while hasattr(optimizer, "inner_optimizer"):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
-def apply_with_sample_norms(optimizer, grads, trainable_variables,
-                            sample_norms):
-    """`optimizer.apply(grads, trainable_variables)`, handing CLARS this
-    replica's sample norms, also through a `LossScaleOptimizer`.
-
-    The way to give CLARS sample norms computed elsewhere (exact per-example
-    norms, as `per_example_norms` does; docs/per_example.md): call it where
-    the training step calls `optimizer.apply`, in replica context, with the
-    optimizer as compiled (under mixed_float16, Keras wraps CLARS in a
-    `LossScaleOptimizer`, whose `apply` takes no norms). `sample_norms` are
-    as for `CLARS.apply`: one per trainable variable, this replica's mean
-    over its samples s of ||g_{s,l}||, taken from the same (scaled) loss as
-    `grads`. They are unscaled exactly as `grads` are: divided by the loss
-    scale (`optimizer.scale_loss(1.0)`) and multiplied by the number of
-    replicas R (Keras scales each replica's loss by 1/R).
-    """
-    inner = inner_optimizer(optimizer)
-    if not getattr(inner, "uses_complete_norm", False):
-        raise ValueError(
-            "optimizer must be CLARS, or a LossScaleOptimizer around CLARS, "
-            "to take sample_norms (they are only used by CLARS); received "
-            f"optimizer={type(optimizer).__name__}"
-            + ("" if inner is optimizer else f"({type(inner).__name__})") + "."
-        )
-    if inner is optimizer:
-        return optimizer.apply(grads, trainable_variables,
-                               sample_norms=sample_norms)
-    scale = optimizer.scale_loss(1.0)
-    with inner._holding([n / scale for n in sample_norms]):
-        return optimizer.apply(grads, trainable_variables)
-
-
-def _packed_dtype(variables):
-    """The dtype of a vector over all `variables`: float64 if one needs it."""
-    dtypes = {transforms.norm_dtype(v.dtype) for v in variables}
-    return "float64" if "float64" in dtypes else "float32"
-
-
-class _Layers:
-    """The context of one update: its variables, where they sit in the
-    optimizer, and their per-layer scalars as a few vectors.
-
-    An `apply` may pass all the optimizer's variables or some, in any order:
-    `indices[j]` is the optimizer's index of `variables[j]`. Norms and ratios
-    are float32, or float64 for float64 variables (`transforms.norm_dtype`),
-    so per-layer scalars live in one vector per dtype present (usually one):
-    `groups` holds each dtype and the positions of its layers; `split` cuts
-    a vector over all layers into the groups' vectors, `join` puts them back.
-    """
-
-    def __init__(self, optimizer, variables):
-        self.variables = list(variables)
-        self.indices = [optimizer._get_variable_index(v) for v in self.variables]
-        self.size = len(optimizer._trainable_variables)
-        self.in_order = self.indices == list(range(self.size))
-        dtypes = [transforms.norm_dtype(v.dtype) for v in self.variables]
-        self.groups = [(dtype, [j for j, d in enumerate(dtypes) if d == dtype])
-                       for dtype in ("float32", "float64") if dtype in dtypes]
-        order = [j for _, positions in self.groups for j in positions]
-        self._inverse = (None if order == sorted(order)
-                         else sorted(range(len(order)), key=order.__getitem__))
-        self.dtype = _packed_dtype(self.variables)
-
-    def select(self, per_variable):
-        """The entries of this update's variables, from a list over all."""
-        return [per_variable[i] for i in self.indices]
-
-    def norms(self, tensors):
-        """||x|| for each tensor, one vector per group."""
-        return [ops.sqrt(_backend.squared_norms([tensors[j] for j in positions],
-                                                dtype))
-                for dtype, positions in self.groups]
-
-    def constant(self, per_variable, dtype=None):
-        """A list over all variables as one constant vector per group."""
-        values = self.select(per_variable)
-        return [ops.convert_to_tensor([values[j] for j in positions],
-                                      dtype or group_dtype)
-                for group_dtype, positions in self.groups]
-
-    def split(self, vector):
-        if len(self.groups) == 1:
-            return [ops.cast(vector, self.groups[0][0])]
-        return [ops.cast(ops.take(vector, positions), dtype)
-                for dtype, positions in self.groups]
-
-    def join(self, vectors, dtype=None):
-        joined = ops.concatenate([ops.cast(v, dtype or self.dtype)
-                                  for v in vectors])
-        if self._inverse is None:
-            return joined
-        return ops.take(joined, self._inverse, axis=0)
-
-    def unstack(self, vectors):
-        """The groups' vectors as one scalar per layer, in layer order."""
-        scalars = [None] * len(self.variables)
-        for vector, (_, positions) in zip(vectors, self.groups):
-            for j, scalar in zip(positions, ops.unstack(vector)):
-                scalars[j] = scalar
-        return scalars
-
-
 class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
     """Base class of `LARS` and `CLARS`; see their docstrings."""
 
@@ -175,13 +63,15 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
     def __init__(self, learning_rate=1.0, momentum=0.9, trust_coefficient=0.001,
                  weight_decay=None, epsilon=0.0, nesterov=False,
                  gradient_accumulation_steps=None, excluded_learning_rate=None,
+                 noise_scale=False, noise_scale_decay=0.95, sample_size=None,
                  use_ema=False, **kwargs):
         # kwargs: Keras's clipnorm, clipvalue, global_clipnorm,
         # loss_scale_factor, name, ...
         checked = _arguments.check(
             type(self).__name__, learning_rate, momentum, trust_coefficient,
             weight_decay, epsilon, nesterov, gradient_accumulation_steps,
-            use_ema, excluded_learning_rate)
+            use_ema, excluded_learning_rate, noise_scale, noise_scale_decay,
+            sample_size)
         super().__init__(learning_rate=checked["learning_rate"],
                          weight_decay=checked["weight_decay"], use_ema=use_ema,
                          gradient_accumulation_steps=gradient_accumulation_steps,
@@ -191,6 +81,10 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
         self.epsilon = checked["epsilon"]
         self.nesterov = bool(nesterov)
         self.excluded_learning_rate = checked["excluded_learning_rate"]
+        self.noise_scale = bool(noise_scale)
+        self.noise_scale_decay = checked["noise_scale_decay"]
+        self.sample_size = sample_size
+        self._noise = None  # a `_noise_scale.NoiseScale` once built
         self._held_sample_norms = {}  # replica id -> its given norms
         self._warned_one_sample = False
         self._no_adaptation_names = []
@@ -214,10 +108,12 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
         if self.uses_complete_norm and self.gradient_accumulation_steps:
             # The window's running sum of each micro-step's complete norms.
             self._complete_norm_sums = self.add_variable(
-                shape=(len(variables),), dtype=_packed_dtype(variables),
+                shape=(len(variables),), dtype=_layers.packed_dtype(variables),
                 name="complete_norm_sums")
         self._non_finite_updates = self.add_variable(
             shape=(), dtype="int32", name="non_finite_updates")
+        if self.noise_scale:
+            self._noise = _noise_scale.NoiseScale(self, variables)
 
     @property
     def non_finite_updates(self):
@@ -229,17 +125,73 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
 
         Returns a dict mapping each variable's path to a dict with the keys
         `trust_ratio`, `complete_norm`, `gradient_norm`, `weight_norm` and
-        `coherence` (||g_l|| / N_l: 1 for LARS, <= 1 for CLARS).
+        `coherence` (||g_l|| / N_l: 1 for LARS, <= 1 for CLARS). With
+        `noise_scale=True`, also those of `_noise_scale.NOISE_STATISTICS`:
+        `mean_squared_sample_norm` (m2, the mean over the update's S
+        samples of ||g_s||^2, on the scale of `complete_norm`), `samples`
+        (S), `sample_size` (b), this update's estimates of |G_l|^2 and
+        tr(Sigma_l) (None with S = 1), their moving averages, and `b_simple`
+        (the layer's ratio of the averages, or None).
         """
         if not self.built:
             return {}
-        values = ops.convert_to_numpy(self._statistics.value).tolist()
-        return {path: dict(zip(STATISTICS, row))
-                for path, row in zip(self._paths, values)}
+        names, values = self.statistics_table()
+        out = {}
+        for path, row in zip(self._paths, values.tolist()):
+            out[path] = {k: (v if np.isfinite(v) else None)
+                         for k, v in zip(names, row)}
+            if self._noise is not None:
+                out[path]["b_simple"] = _noise_scale.b_simple(
+                    row[names.index("trace_covariance_average")],
+                    row[names.index("squared_gradient_average")])
+        return out
+
+    def statistics_table(self):
+        """(names, float32 array (layers, names)): the last update's
+        per-layer statistics, in one read per variable."""
+        values = np.asarray(ops.convert_to_numpy(self._statistics.value),
+                            np.float32)
+        if self._noise is None:
+            return list(STATISTICS), values
+        noise = np.asarray(ops.convert_to_numpy(self._noise.statistics.value),
+                           np.float32)
+        return (list(STATISTICS) + list(_noise_scale.NOISE_STATISTICS),
+                np.concatenate([values, noise], axis=1))
+
+    def gradient_noise_scale(self, groups=None):
+        """The gradient noise scale B_simple of the model (McCandlish et al.
+        2018), from the averages over updates; see docs/noise_scale.md.
+
+        Args:
+            groups: optional {name: [variable paths]}, for B_simple per
+                group (for example per block).
+
+        Returns:
+            A dict: `b_simple` (EMA(tr Sigma) / EMA(|G|^2), summed over
+            layers; None while there is no estimate: S = 1, no update yet,
+            or an average |G|^2 that is not positive), `squared_gradient`
+            and `trace_covariance` (the debiased averages), `updates` (how
+            many updates were estimated), and with `groups`, `blocks`.
+        """
+        if not self.noise_scale:
+            raise ValueError(
+                "gradient_noise_scale() needs the optimizer built with "
+                f"noise_scale=True; received noise_scale={self.noise_scale}.")
+        if not self.built:
+            return _noise_scale.summary(np.zeros((0, len(
+                _noise_scale.NOISE_STATISTICS))), 0, self.noise_scale_decay)
+        rows = None if groups is None else {
+            name: [self._paths.index(p) for p in paths]
+            for name, paths in groups.items()}
+        return _noise_scale.summary(
+            ops.convert_to_numpy(self._noise.statistics.value),
+            int(ops.convert_to_numpy(self._noise.updates.value)),
+            self.noise_scale_decay, rows)
 
     # ---------------------------------------------------------- the update
 
-    def apply(self, grads, trainable_variables=None, sample_norms=None):
+    def apply(self, grads, trainable_variables=None, sample_norms=None,
+              squared_sample_norms=None, examples=None):
         """Applies one micro-step of gradients.
 
         Args:
@@ -255,46 +207,31 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
                 and divided by `loss_scale_factor` if set), and replace the
                 replica's own gradient norm as its sample. Through a
                 `LossScaleOptimizer`, use `keras_clars.apply_with_sample_norms`.
+            squared_sample_norms: with `noise_scale=True` (LARS or CLARS),
+                or None: this replica's per-example mean squared norms
+                (1/n) * sum_i ||g_{i,l}||^2 over its `examples` n examples,
+                one per variable (None for a variable without them: its
+                sample is then the replica's gradient), on the scale of
+                `grads` and unscaled as `sample_norms` are (times R^2).
+            examples: n, the examples of this replica's micro-batch (an int
+                or a scalar tensor), with `squared_sample_norms`.
         """
-        if sample_norms is None:
+        if sample_norms is None and squared_sample_norms is None:
             return super().apply(grads, trainable_variables)
-        sample_norms = list(sample_norms)
-        if not self.uses_complete_norm:
+        if sample_norms is not None and not self.uses_complete_norm:
             raise ValueError(
                 f"sample_norms must be None for {type(self).__name__}, which "
                 "takes the norm of the mean gradient (it is only used by "
-                f"CLARS); received {len(sample_norms)} sample_norms."
+                f"CLARS); received {len(list(sample_norms))} sample_norms."
             )
-        if self.loss_scale_factor is not None:
-            sample_norms = [n / self.loss_scale_factor for n in sample_norms]
-        with self._holding(sample_norms):
-            return super().apply(grads, trainable_variables)
-
-    @contextlib.contextmanager
-    def _holding(self, sample_norms):
-        """Keeps this replica's `sample_norms` for the `apply` inside.
-
-        Keyed by replica: under tf.distribute a LossScaleOptimizer calls
-        `apply` once per replica, in other threads (`call_for_each_replica`).
-        """
-        replica = _backend.replica_id()
-        self._held_sample_norms[replica] = sample_norms
-        try:
-            yield
-        finally:
-            del self._held_sample_norms[replica]
-
-    def _given_sample_norms(self, layers):
-        """The norms handed to `apply` for this replica, or None."""
-        given = self._held_sample_norms.get(_backend.replica_id())
-        if given is None:
-            return None
-        if len(given) != layers.size:
+        if squared_sample_norms is not None and not self.noise_scale:
             raise ValueError(
-                "sample_norms must hold one norm per trainable variable "
-                f"({layers.size}); received {len(given)} norms."
-            )
-        return layers.select(given)
+                "squared_sample_norms must be None unless noise_scale=True "
+                "(they are only used by the noise scale); received "
+                f"{len(list(squared_sample_norms))} squared_sample_norms.")
+        with _samples.holding(self, sample_norms, squared_sample_norms,
+                              examples, self.loss_scale_factor):
+            return super().apply(grads, trainable_variables)
 
     def _warn_one_sample(self):
         if not self._warned_one_sample:
@@ -303,82 +240,104 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
                           UserWarning, stacklevel=2)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
-        layers = _Layers(self, trainable_variables)
-        grads, complete_norms = self._replica_phase(layers, list(grads))
+        layers = _layers.Layers(self, trainable_variables)
+        grads, samples = self._replica_phase(layers, list(grads))
         _backend.on_each_device(
             lambda *args: self._update_phase(layers, *args),
             self._non_finite_updates,
             grads,
-            complete_norms,
+            samples,
             ops.convert_to_tensor(self.learning_rate),
             self._excluded_rate(),
         )
 
     def _replica_phase(self, layers, grads):
-        """This replica's sample norms, then ONE all-reduce of everything.
+        """This replica's samples, then ONE all-reduce of everything.
 
-        Returns the gradients summed over replicas, and this micro-step's
-        N_l as a vector over the layers (the mean of the replicas' sample
-        norms), or None when N_l is ||g_l||: LARS, and CLARS with one sample
-        (one replica, no accumulation, no given norms), which then runs
-        LARS's computation exactly.
+        Returns the gradients summed over replicas, and `samples`: a dict
+        with this micro-step's `complete_norms` (N_l as a vector over the
+        layers, the mean of the replicas' sample norms; None when N_l is
+        ||g_l||: LARS, and CLARS with one sample, which then runs LARS's
+        computation exactly) and, with `noise_scale=True`, `noise` (the
+        noise scale's summed terms, `_noise_scale.NoiseScale.replica_terms`;
+        None with one sample).
         """
         replicas = _backend.num_replicas()
-        given = self._given_sample_norms(layers)
+        held = _samples.held(self, layers)
+        sample_norms = self._sample_norms(layers, grads, held, replicas)
+        noise = None if self._noise is None else self._noise.replica_terms(
+            layers, grads, held, replicas)
+        extra = [t for t in (sample_norms, noise) if t is not None]
+        reduced = _backend.all_reduce_sum(grads + extra)
+        grads, extra = reduced[:len(grads)], reduced[len(grads):]
+        if sample_norms is not None:
+            sample_norms = extra.pop(0) / replicas
+        return grads, {"complete_norms": sample_norms,
+                       "noise": extra.pop(0) if noise is not None else None}
+
+    def _sample_norms(self, layers, grads, held, replicas):
+        """CLARS: this replica's sample norms over the layers, times R
+        (Keras scales each replica's loss by 1/R: undo it on the samples);
+        None when N_l is ||g_l||."""
+        given = None if held is None else held["norms"]
         if not self.uses_complete_norm:
-            return _backend.all_reduce_sum(grads), None
+            return None
         if replicas == 1 and not self.gradient_accumulation_steps and (
                 given is None):
             self._warn_one_sample()
-            return _backend.all_reduce_sum(grads), None
-        # Keras scales each replica's loss by 1/R: undo it on the samples.
+            return None
         if given is None:
-            sample_norms = layers.join(
-                [replicas * n for n in layers.norms(grads)])
-        else:
-            sample_norms = replicas * ops.stack(
-                [ops.cast(n, layers.dtype) for n in given])
-        reduced = _backend.all_reduce_sum(grads + [sample_norms])
-        return reduced[:-1], reduced[-1] / replicas
+            return layers.join([replicas * n for n in layers.norms(grads)])
+        return replicas * ops.stack([ops.cast(n, layers.dtype) for n in given])
 
-    def _update_phase(self, layers, grads, complete_norms, learning_rate,
+    def _update_phase(self, layers, grads, samples, learning_rate,
                       excluded_rate):
         """Once per device: clip, accumulate and, on an update micro-step,
-        update all layers. `complete_norms` as `_replica_phase` returns it."""
+        update all layers. `samples` as `_replica_phase` returns it."""
         grads = [ops.cast(g, v.dtype) for g, v in zip(grads, layers.variables)]
         if self._clips():
-            grads, complete_norms = self._clip(layers, grads, complete_norms)
+            grads, samples = self._clip(layers, grads, samples)
         rates = (learning_rate, excluded_rate)
         if self.gradient_accumulation_steps:
-            self._accumulate(layers, grads, complete_norms, rates)
+            self._accumulate(layers, grads, samples, rates)
         else:
-            self._update(layers, grads, 1.0, complete_norms, rates, None)
+            self._update(layers, grads, 1.0, samples, rates, None)
 
-    def _clip(self, layers, grads, complete_norms):
+    def _clip(self, layers, grads, samples):
         """Keras's clipping of the mean gradient; the sample norms of layer
-        l are scaled by ||clip(g_l)|| / ||g_l||, so S = 1 stays LARS."""
+        l are scaled by ||clip(g_l)|| / ||g_l|| (the noise scale's squared
+        norms by its square), so S = 1 stays LARS."""
         raw_norms = layers.norms(grads)
         grads = self._clip_gradients(grads)
         # Non-finite stays non-finite (clipvalue would turn inf into a
         # number): `_update` then sees the gradient as received.
         poison = sum(ops.cast(ops.sum(n - n), "float32") for n in raw_norms)
         grads = [g + ops.cast(poison, g.dtype) for g in grads]
+        complete_norms, noise = samples["complete_norms"], samples["noise"]
+        if complete_norms is None and noise is None:
+            return grads, samples
+        factors = [transforms.clip_factor(raw, clipped) for raw, clipped
+                   in zip(raw_norms, layers.norms(grads))]
         if complete_norms is not None:
-            factors = [transforms.clip_factor(raw, clipped) for raw, clipped
-                       in zip(raw_norms, layers.norms(grads))]
             complete_norms = layers.join(
                 [n * f for n, f in zip(layers.split(complete_norms), factors)])
-        return grads, complete_norms
+        if noise is not None:
+            noise = self._noise.clip(layers, noise, factors)
+        return grads, {"complete_norms": complete_norms, "noise": noise}
 
-    def _accumulate(self, layers, grads, complete_norms, rates):
+    def _accumulate(self, layers, grads, samples, rates):
         """Adds this micro-step to the window's sums; on every k-th, updates
         with the window's means and restarts the sums (TensorFlow: inside
         one `cond`, so the other k - 1 micro-steps cost one pass over the
         gradients)."""
         steps = self.gradient_accumulation_steps
+        complete_norms, noise = samples["complete_norms"], samples["noise"]
         sums = layers.select(self._accumulated_gradients)
         for accumulator, grad in zip(sums, grads):
             self.assign_add(accumulator, grad)
+        if noise is not None:
+            self._noise.accumulate(layers, noise)
+            sums = sums + [self._noise.sums]
         if complete_norms is not None:
             if not layers.in_order:
                 complete_norms = ops.scatter([[i] for i in layers.indices],
@@ -394,7 +353,9 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
                 if not layers.in_order:
                     window_norms = ops.take(window_norms, layers.indices)
                 window_norms = window_norms / steps
-            self._update(layers, totals, 1.0 / steps, window_norms, rates, mask)
+            window = {"complete_norms": window_norms, "noise": (
+                None if noise is None else self._noise.window(layers))}
+            self._update(layers, totals, 1.0 / steps, window, rates, mask)
             for accumulator in sums:
                 self._assign(accumulator,
                              ops.zeros(accumulator.shape, accumulator.dtype),
@@ -403,9 +364,9 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
         _backend.when(ops.equal((self._iterations + 1) % steps, 0),
                       update_window)
 
-    def _update(self, layers, grads, gradient_scale, complete_norms, rates,
-                mask):
-        """The update of the spec, with g_l = gradient_scale * grads[l].
+    def _update(self, layers, grads, gradient_scale, samples, rates, mask):
+        """The update of the spec, with g_l = gradient_scale * grads[l], and
+        `samples` as `_replica_phase` returns them (over the window).
 
         `rates` is (gamma_t, the excluded variables' rate or None: gamma_t).
         Skipped whole, and counted, if any gradient (or given norm) is not
@@ -417,6 +378,7 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
         gradient_norms = layers.norms(grads)
         if gradient_scale != 1.0:
             gradient_norms = [gradient_scale * n for n in gradient_norms]
+        complete_norms = samples["complete_norms"]
         if complete_norms is None:
             complete_norms = gradient_norms
         else:
@@ -429,6 +391,8 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
             skipped = ops.logical_and(mask, skipped)
             applied = ops.logical_and(mask, finite)
         self.assign_add(self._non_finite_updates, ops.cast(skipped, "int32"))
+        if samples["noise"] is not None:
+            self._noise.update(layers, gradient_norms, samples["noise"], applied)
 
         weights = [ops.convert_to_tensor(v) for v in layers.variables]
         gradient_scales, decay_scales = self._scales(

@@ -5,9 +5,11 @@ import keras
 from keras_clars.layerwise import inner_optimizer
 
 
-def _uses_complete_norm(optimizer):
-    return bool(getattr(inner_optimizer(optimizer), "uses_complete_norm",
-                        False))
+def _takes_samples(optimizer):
+    """CLARS (its complete norm), or any optimizer with `noise_scale=True`."""
+    inner = inner_optimizer(optimizer)
+    return bool(getattr(inner, "uses_complete_norm", False)
+                or getattr(inner, "noise_scale", False))
 
 
 def _backend_step():
@@ -62,8 +64,9 @@ class PerExampleNormModel(keras.Model):
 
     def train_step(self, *args):
         # TensorFlow and PyTorch: (data); JAX: (state, data).
-        if self.optimizer is None or not _uses_complete_norm(self.optimizer):
-            # LARS and Keras's optimizers take no sample norms: Keras's step.
+        if self.optimizer is None or not _takes_samples(self.optimizer):
+            # LARS without the noise scale and Keras's optimizers take no
+            # sample norms: Keras's step.
             return super().train_step(*args)
         from keras_clars import _per_example_norms
 

@@ -70,3 +70,27 @@ def heavy_ball(velocity, update, momentum, nesterov):
     if nesterov:
         return new_velocity, momentum * new_velocity + update
     return new_velocity, new_velocity
+
+
+def noise_estimates(squared_gradient_norm, mean_squared_sample_norm, samples,
+                    sample_size):
+    """Unbiased |G|^2 and tr(Sigma) from one update's S samples of size b.
+
+    With G2 = ||g||^2 of the mean of the S samples, m2 = their mean squared
+    norm, and B = S * b (McCandlish et al. 2018, appendix A.1):
+
+        |G|^2  ~ (B * G2 - b * m2) / (B - b) = (S * G2 - m2) / (S - 1)
+        tr(Sigma) ~ (m2 - G2) / (1/b - 1/B)  = S * b * (m2 - G2) / (S - 1)
+
+    Returns `(squared_gradient, trace_covariance)`, NaN where S <= 1 (no
+    estimate).
+    """
+    several = ops.greater(samples, 1)
+    spare = ops.where(several, samples - 1, 1.0)
+    squared_gradient = (samples * squared_gradient_norm
+                        - mean_squared_sample_norm) / spare
+    trace = (samples * sample_size
+             * (mean_squared_sample_norm - squared_gradient_norm) / spare)
+    nan = ops.full_like(squared_gradient, float("nan"))
+    return (ops.where(several, squared_gradient, nan),
+            ops.where(several, trace, nan))

@@ -273,6 +273,35 @@ def mirrored(args):
             for _ in range(2):
                 reference.fit(x, y, args.devices)
             out.update(_arrays(f"{key}/{tag}", reference.weights))
+    out.update(_noise_scale(strategy, x[:2 * BATCH], y[:2 * BATCH], args.devices))
+    return out
+
+
+def _noise_scale(strategy, x, y, replicas):
+    """One update (k = 2) of CLARS with the noise scale under `strategy`: its
+    per-layer statistics, and the S = 2R slice gradients it was made of
+    (slices of BATCH / R, at the initial weights), for the reference."""
+    import keras
+    import keras_clars
+
+    from keras_clars import _noise_scale as noise
+
+    size = BATCH // replicas
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer=keras_clars.CLARS(
+            0.1, noise_scale=True, sample_size=size, gradient_accumulation_steps=2,
+            **HYPER), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    stats = model.optimizer.layer_statistics()
+    out = {"noise/fit": np.array([[stats[v.path][k] for k in noise.NOISE_STATISTICS[:5]]
+                                  for v in model.trainable_variables], np.float64),
+           "noise/gradient_norms": np.array([stats[v.path]["gradient_norm"]
+                                             for v in model.trainable_variables])}
+    reference = Reference(True, 2, build_model().get_weights())
+    for i in range(len(x) // size):
+        out.update(_arrays(f"noise/sample{i:02d}", reference.slice_gradients(
+            x[i * size:(i + 1) * size], y[i * size:(i + 1) * size])))
     return out
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import distributed_worker as worker
+from test_noise_scale import reference as noise_reference
 
 KEYS = [f"{name}_k{steps or 1}" for name, steps in worker.CONFIGS]
 TOLERANCE = dict(rtol=1e-5, atol=2e-6)  # float32 arithmetic vs float64
@@ -41,6 +42,21 @@ def test_fit_under_mirrored_strategy_matches_reference(mirrored, key):
     # The other optimizer's norm gives other weights: the check can fail.
     alt = layers(result, key + "/alt")
     assert max(np.max(np.abs(a - b)) for a, b in zip(fit, alt)) > 1e-3
+
+
+@pytest.mark.slow
+def test_noise_scale_under_mirrored_strategy_matches_reference(mirrored):
+    """S = 2R samples of BATCH / R (R replicas, k = 2): m2, S, b and the
+    estimates, summed over replicas in the update's one all-reduce."""
+    devices, result = mirrored
+    samples = [layers(result, f"noise/sample{i:02d}") for i in range(2 * devices)]
+    expected = noise_reference(samples, worker.BATCH // devices)
+    got = result["noise/fit"]
+    np.testing.assert_allclose(got[:, 0], expected[:, 0], rtol=2e-4)  # m2
+    np.testing.assert_allclose(result["noise/gradient_norms"] ** 2, expected[:, 1],
+                               rtol=2e-4)
+    np.testing.assert_array_equal(got[:, 1:3], expected[:, 2:4])  # S, b
+    np.testing.assert_allclose(got[:, 3:5], expected[:, 4:6], rtol=2e-3, atol=1e-6)
 
 
 def test_xla_fit_on_one_device_matches_reference():

@@ -68,7 +68,7 @@ def test_known_update_with_accumulation(cls):
     assert_statistics(stats, expected["statistics"])
 
     # The callback's single read holds the same numbers and the update index.
-    update, paths, values = read_layer_statistics(optimizer)
+    update, paths, names, values = read_layer_statistics(optimizer)
     assert update == 2 and paths == list(SHAPES)
     assert values.dtype == np.float32 and values.shape == (3, len(STATISTICS))
     np.testing.assert_array_equal(
@@ -154,7 +154,7 @@ def test_read_through_a_loss_scale_optimizer():
     optimizer.build(variables)
     scale = float(ops.convert_to_numpy(optimizer.dynamic_scale))
     optimizer.apply([g * scale for g in steps[0][0]], variables)
-    update, paths, values = read_layer_statistics(optimizer)
+    update, paths, names, values = read_layer_statistics(optimizer)
     assert update == 1
     expected = reference_run(weights, [steps[0][0]], complete=True, **HYPER)
     assert_statistics(inner.layer_statistics(), expected["statistics"])
@@ -194,7 +194,7 @@ for cls in (CLARS, LARS):
     out[cls.__name__] = {"replicas": strategy.num_replicas_in_sync,
                          "updates": int(optimizer.iterations.numpy()),
                          "statistics": optimizer.layer_statistics(),
-                         "read": read_layer_statistics(optimizer)[2].tolist()}
+                         "read": read_layer_statistics(optimizer)[3].tolist()}
 
 # Sample norms handed through a LossScaleOptimizer, per replica (k = 1):
 # replica r's gradient is the mean of its 2 samples, its norm the mean of
