@@ -115,8 +115,9 @@ def load_layer_statistics(path):
         A dict with `layers` (paths, model order), `statistics` (names),
         `updates` and `epochs` (int arrays, one entry per record) and
         `values`: a dict mapping each statistic to a float array of shape
-        `(records, layers)` (NaN where the value was not finite), plus the
-        file's other fields.
+        `(records, layers)` (NaN where the value was not finite), with the
+        noise scale `b_simple` (float array, NaN where it had no value),
+        plus the file's other fields.
     """
     with open(path) as f:
         data = json.load(f)
@@ -127,6 +128,9 @@ def load_layer_statistics(path):
         )
     records = data.pop("records")
     data["updates"] = np.array([r["update"] for r in records], dtype=int)
+    if records and "b_simple" in records[0]:  # the noise scale's
+        data["b_simple"] = np.array([np.nan if r["b_simple"] is None else r["b_simple"]
+                                     for r in records], dtype="float64")
     data["epochs"] = np.array([r["epoch"] for r in records], dtype=int)
     shape = (len(records), len(data["layers"]))
     data["values"] = {

@@ -58,9 +58,14 @@ class Config:
     optimizer: str = flag("clars", "clars, lars or sgd (heavy-ball momentum SGD, "
                           "MomentumSGD).", choices=OPTIMIZERS)
     per_example_norms: bool = flag(
-        False, "clars only: exact per-example gradient norms as CLARS's samples "
-        "(keras_clars.per_example_norms; b=1, S=B). Refused for lars and sgd, which "
-        "take no sample norms.")
+        False, "Exact per-example gradient norms as CLARS's samples "
+        "(keras_clars.per_example_norms; b=1, S=B): clars, or any optimizer with "
+        "--noise_scale (lars and sgd take no sample norms otherwise).")
+    noise_scale: bool = flag(
+        False, "Estimate the gradient noise scale B_simple from the update's S >= 2 "
+        "samples (docs/noise_scale.md), logged with the layer statistics (every "
+        "--layer_stats_interval updates, else 10) to JSON and TensorBoard "
+        "noise_scale/b_simple; clars, lars and sgd.")
     batch_size: int = flag(1024, "Global batch B: examples per update, over all "
                            "replicas.", low=1)
     micro_batch_size: int = flag(

@@ -10,6 +10,12 @@
       .venv/bin/python -m recipes.plots layers runs/clars/layer_statistics.json \\
           --output docs/img/layers_clars.png  # --statistics=a,b --all_variables --title=T
 
+- `plot_noise_scale`: B_simple over updates, the run's batch B as a line,
+  and the mean coherence, from the same JSON (with `--noise_scale`):
+
+      .venv/bin/python -m recipes.plots noise runs/clars/layer_statistics.json \\
+          --batch_size=4096 --output docs/img/noise_clars.png
+
 matplotlib is imported only to draw.
 """
 
@@ -238,6 +244,53 @@ def plot_layer_statistics(json_path, png_path, statistics=DEFAULT_STATISTICS,
     return _save(fig, png_path)
 
 
+def mean_coherence(data):
+    """The geometric mean over the adapted layers of ||g_l|| / N_l, per
+    record of a loaded `LayerStatisticsLogger` file."""
+    adapted = np.asarray(data.get("adapted") or [True] * len(data["layers"]), bool)
+    return np.exp(np.mean(np.log(data["values"]["coherence"][:, adapted]), axis=1))
+
+
+def plot_noise_scale(runs, png_path, title=None):
+    """B_simple over updates, each run's batch B as a dashed line of its
+    colour (B far above B_simple: a larger batch buys little), and the
+    mean coherence over the adapted layers.
+
+    Args:
+        runs: `(label, json_path, batch_size)` per run; each JSON written by
+            `LayerStatisticsLogger` with the optimizer's `noise_scale=True`.
+        png_path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        `png_path`.
+    """
+    from keras_clars.callbacks import load_layer_statistics
+
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 4.2))
+    for i, (label, path, batch_size) in enumerate(runs):
+        data = load_layer_statistics(path)
+        if "b_simple" not in data:
+            raise ValueError(f"{path} has no noise scale: log it with noise_scale=True.")
+        color = f"C{i}"
+        left.plot(data["updates"], data["b_simple"], color=color, label=label)
+        left.axhline(batch_size, color=color, linestyle="--", linewidth=1)
+        if any(data.get("adapted") or [True]):  # SGD has no adapted layer
+            right.plot(data["updates"], mean_coherence(data), color=color, label=label)
+    left.set_yscale("log")
+    left.set_xlabel("update")
+    left.set_ylabel("B_simple (examples); dashed: the batch B")
+    left.set_title("gradient noise scale")
+    right.set_xlabel("update")
+    right.set_ylabel("mean coherence ||g_l|| / N_l (adapted layers)")
+    right.set_yscale("log")
+    right.set_title("coherence")
+    left.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, png_path)
+
+
 # ------------------------------------------------------------ the command
 
 
@@ -251,18 +304,28 @@ def define_flags(flag_values=flags.FLAGS):
                       "also draw variables that are not layer-adapted",
                       flag_values=flag_values)
     flags.DEFINE_string("title", None, "the figure's title", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", None, "noise: the run's global batch B, drawn as "
+                         "a line", flag_values=flag_values)
 
 
 def main(argv, flag_values=flags.FLAGS):
-    """`layers JSON_PATH`, the flags parsed into `flag_values`."""
-    if len(argv) != 3 or argv[1] != "layers":
-        raise app.UsageError(f"expected `layers JSON_PATH`; received "
-                             f"{' '.join(argv[1:]) or 'nothing'}.")
+    """`layers JSON_PATH` or `noise JSON_PATH`, the flags parsed into
+    `flag_values`."""
+    if len(argv) != 3 or argv[1] not in ("layers", "noise"):
+        raise app.UsageError(f"expected `layers JSON_PATH` or `noise JSON_PATH`; "
+                             f"received {' '.join(argv[1:]) or 'nothing'}.")
     json_path = argv[2]
     output = flag_values.output or os.path.splitext(json_path)[0] + ".png"
     try:
-        path = plot_layer_statistics(json_path, output, flag_values.statistics,
-                                     flag_values.all_variables, flag_values.title)
+        if argv[1] == "noise":
+            if not flag_values.batch_size:
+                raise ValueError("noise needs --batch_size, the run's global batch B; "
+                                 f"received --batch_size={flag_values.batch_size}.")
+            path = plot_noise_scale([(os.path.basename(json_path), json_path,
+                                      flag_values.batch_size)], output, flag_values.title)
+        else:
+            path = plot_layer_statistics(json_path, output, flag_values.statistics,
+                                         flag_values.all_variables, flag_values.title)
     except (ValueError, OSError) as error:
         sys.exit(f"recipes.plots: error: {error}")
     print(path)

@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 
+from keras_clars.callbacks import load_layer_statistics
 from recipes import plots, stats
 
 NOT_RUN = "not run yet"
@@ -696,14 +697,6 @@ TABLES = {
 COHERENCE_UPDATES = (1, 6, 12, 24, 48, 96, 144)
 
 
-def _mean_coherence(statistics):
-    """[(update, geometric mean coherence over the adapted layers)]."""
-    adapted = np.asarray(statistics["adapted"], bool)
-    return [(r["update"], float(np.exp(np.mean(np.log(
-        np.asarray(r["values"]["coherence"], "float64")[adapted])))))
-        for r in statistics["records"]]
-
-
 def coherence_table(statistics_dir, warmup_updates=24):
     """Coherence over training, from the per-layer statistics on file.
 
@@ -728,8 +721,8 @@ def coherence_table(statistics_dir, warmup_updates=24):
         "|---|" + "---|" * (len(COHERENCE_UPDATES) + 2),
     ]
     for path in paths:
-        with open(path) as f:
-            series = dict(_mean_coherence(json.load(f)))
+        data = load_layer_statistics(path)
+        series = dict(zip(data["updates"].tolist(), plots.mean_coherence(data)))
         first, last = series[min(series)], series[max(series)]
         early = max(v for u, v in series.items() if u <= warmup_updates)
         cells = [f"{series[u]:.3f}" if u in series else "-" for u in COHERENCE_UPDATES]

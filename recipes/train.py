@@ -29,6 +29,7 @@ from keras_clars import schedules
 from keras_clars.callbacks import LayerStatisticsLogger, NonFiniteUpdateMonitor
 from keras_clars.layerwise import inner_optimizer
 from recipes import callbacks, data, models, records, strategies
+from recipes.optimizers import MomentumSGD, make_optimizer  # noqa: F401  (the API too)
 
 from recipes.config import (  # the trainer's API too
     DTYPES, NOT_STATE, OPTIMIZERS, Config, config_from_args, config_from_flags,
@@ -56,9 +57,9 @@ def validate(config):
              f"{config.label_smoothing}.")
     _require(config.warmup_epochs < config.epochs, f"--warmup_epochs must be < --epochs="
              f"{config.epochs}; received --warmup_epochs={config.warmup_epochs}.")
-    _require(not (config.layer_stats_interval and config.optimizer == "sgd"),
-             "--layer_stats_interval needs --optimizer=clars or lars; received "
-             "--optimizer=sgd.")
+    _require(not (config.layer_stats_interval and config.optimizer == "sgd")
+             or config.noise_scale, "--layer_stats_interval needs --optimizer=clars "
+             "or lars, or --noise_scale; received --optimizer=sgd.")
     _require(config.model != "resnet20" or (
         (config.depth - 2) % 6 == 0 and config.depth >= 8),
              "--depth must be 6n + 2 with n >= 1 (8, 14, 20, ...); received "
@@ -66,9 +67,10 @@ def validate(config):
     _require(config.excluded_lr is None or config.optimizer != "sgd",
              "--excluded_lr needs --optimizer=clars or lars (SGD has one rate); "
              "received --optimizer=sgd.")
-    _require(not config.per_example_norms or config.optimizer == "clars",
-             "--per_example_norms needs --optimizer=clars (only CLARS takes sample "
-             f"norms); received --optimizer={config.optimizer}.")
+    _require(not config.per_example_norms or config.optimizer == "clars"
+             or config.noise_scale, "--per_example_norms needs --optimizer=clars, or "
+             "--noise_scale (only CLARS and the noise scale take sample norms); "
+             f"received --optimizer={config.optimizer}.")
     _require(not (config.validation_examples or config.train_examples)
              or config.dataset == "fashion_mnist",
              "--validation_examples and --train_examples need --dataset="
@@ -89,45 +91,6 @@ def batch_layout(batch_size, micro_batch_size, replicas):
              f"{micro_batch_size or micro} times {replicas} replicas (= {micro * replicas}).")
     k = batch_size // (micro * replicas)
     return micro, k, replicas * k
-
-
-@keras.saving.register_keras_serializable(package="keras_clars_recipes")
-class MomentumSGD(keras_clars.LARS):
-    """SGD with heavy-ball momentum and coupled weight decay (Goyal et al. 2017).
-
-    LARS with every trust ratio 1:
-
-        v <- m * v + lr * (g + beta * w);   w <- w - v
-
-    which is Keras SGD's update (v <- m * v - lr * g; w <- w + v) with the
-    weight decay inside the step, as Goyal et al. apply it. It is the
-    recipes' SGD baseline because it shares LARS's machinery: it accumulates
-    micro-steps under every tf.distribute strategy (Keras SGD's own
-    accumulation fails there) and evaluates its schedule at the update index.
-    `trust_coefficient` is unused.
-    """
-
-    def _is_layer_adapted(self, variable):
-        return False
-
-
-def make_optimizer(config, learning_rate, accumulation_steps=1,
-                   excluded_learning_rate=None):
-    """The optimizer of `config`: CLARS, LARS or `MomentumSGD`.
-
-    All three take weight decay coupled, in their update, and none decays
-    variables of rank <= 1. `excluded_learning_rate` (LARS, CLARS) sets the
-    rate of the variables without a trust ratio apart from `learning_rate`.
-    """
-    k = accumulation_steps if accumulation_steps > 1 else None
-    cls = {"clars": keras_clars.CLARS, "lars": keras_clars.LARS,
-           "sgd": MomentumSGD}[config.optimizer]
-    return cls(
-        learning_rate, momentum=config.momentum,
-        trust_coefficient=config.trust_coefficient, weight_decay=config.weight_decay or None,
-        nesterov=config.nesterov, gradient_accumulation_steps=k,
-        excluded_learning_rate=excluded_learning_rate,
-    )
 
 
 def image_size(config, source):
@@ -186,6 +149,9 @@ def plan(config, sources, replicas):
         else schedule(config.excluded_lr)
     # Per-example norms: every example of the batch is a sample.
     b, S = (1, config.batch_size) if config.per_example_norms else (micro, samples)
+    _require(S >= 2 or not config.noise_scale, "--noise_scale needs S >= 2 gradient "
+             "samples per update (--per_example_norms, --micro_batch_size < B or "
+             f"replicas); received S={S}.")
     summary = {
         "replicas": replicas, "slice_size_b": b, "accumulation_k": k,
         "samples_S": S, "micro_batch": micro, "global_batch_B": config.batch_size,
@@ -222,7 +188,8 @@ def build(config, summary, source, strategy, rates, excluded_rates):
         if config.per_example_norms:
             model = keras_clars.per_example_norms(model)
         model.compile(
-            optimizer=make_optimizer(config, rates, k, excluded_rates),
+            optimizer=make_optimizer(config, rates, k, excluded_rates, None if
+                                     config.per_example_norms else summary["micro_batch"]),
             loss=keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=config.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
@@ -282,12 +249,12 @@ def resume(config, model, summary, out):
         coherence = callbacks.FirstUpdateCoherence(
             k, start, out and os.path.join(out, "first_update_coherence.json"))
         extra = [NonFiniteUpdateMonitor(), coherence]
-        if config.layer_stats_interval:
-            extra.append(LayerStatisticsLogger(
-                interval=config.layer_stats_interval,
-                log_dir=os.path.join(out, "logs", "layers") if out else None,
-                json_path=config.layer_stats_path or (
-                    os.path.join(out, "layer_statistics.json") if out else None)))
+    if config.layer_stats_interval or config.noise_scale:
+        extra.append(LayerStatisticsLogger(
+            interval=config.layer_stats_interval or 10,
+            log_dir=os.path.join(out, "logs", "layers") if out else None,
+            json_path=config.layer_stats_path or (
+                os.path.join(out, "layer_statistics.json") if out else None)))
     return start, [epoch_log, *logs, *extra], epoch_log, coherence
 
 

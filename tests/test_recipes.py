@@ -196,6 +196,8 @@ def test_named_configs_parse_and_validate(path):
     (dict(depth=9), "--depth must be 6n \\+ 2 .* received --depth=9"),
     (dict(excluded_lr=-1.0), "--excluded_lr must be >= 0; received --excluded_lr=-1.0"),
     (dict(optimizer="sgd", excluded_lr=1.0), "--excluded_lr needs --optimizer=clars or lars"),
+    (dict(noise_scale=True, train_examples=1024, validation_examples=512),
+     "--noise_scale needs S >= 2 gradient samples .* received S=1"),
 ])
 def test_bad_flags_fail_fast(change, message):
     with pytest.raises(ValueError, match=message):
@@ -244,6 +246,7 @@ def test_train_runs_on_mock_tfds(dataset, classes, tmp_path):
         model="resnet20", width=2, dataset=dataset, data_dir=str(tmp_path / "tfds"),
         image_size=32, batch_size=8, micro_batch_size=4, steps_per_epoch=2,
         eval_steps=1, epochs=1, model_dir=str(tmp_path / "run"), verbose=0,
+        noise_scale=True, optimizer="sgd" if dataset == "cifar10" else "clars",
     )
     with tfds.testing.mock_data(num_examples=12):
         result = train.run(config)
@@ -256,6 +259,12 @@ def test_train_runs_on_mock_tfds(dataset, classes, tmp_path):
     assert _csv_epochs(tmp_path / "run" / "metrics.csv") == [0]
     assert [e["epoch"] for e in _read(tmp_path / "run" / "metrics.json")] == [0]
     assert glob.glob(str(tmp_path / "run" / "logs" / "train" / "events.*"))
+    # --noise_scale (SGD too): B_simple in the JSON records and TensorBoard.
+    statistics = _read(tmp_path / "run" / "layer_statistics.json")
+    assert [r["update"] for r in statistics["records"]] == [1, 2]
+    assert all("b_simple" in r for r in statistics["records"])
+    assert statistics["records"][0]["values"]["sample_size"][0] == 4
+    assert glob.glob(str(tmp_path / "run" / "logs" / "layers" / "events.*"))
 
 
 @pytest.mark.slow
