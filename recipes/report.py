@@ -731,18 +731,75 @@ def coherence_table(statistics_dir, warmup_updates=24):
     return "\n".join(lines) + "\n"
 
 
-def tables(plan, summary, statistics_dir=None):
+# Updates at which the noise table samples B_simple.
+NOISE_UPDATES = (1, 12, 24, 48, 96, 144)
+
+
+def _batch_of(name):
+    return int(re.match(r"B(\d+)_", name).group(1))
+
+
+def noise_table(noise_dir):
+    """B_simple over training, from the logs with the noise scale on file."""
+    paths = sorted(glob.glob(os.path.join(noise_dir, "*.json")))
+    if not paths:
+        return f"No noise-scale logs on record ({NOT_RUN}).\n"
+    lines = [
+        "The gradient noise scale B_simple = EMA(tr Sigma) / EMA(|G|^2) (McCandlish "
+        "et al. 2018; docs/noise_scale.md) over training, in examples, from the "
+        "runs that logged it (`docs/results/noise_scale/`: each claim curve's "
+        "first final seed re-run with it logged every update, and the decoupled "
+        "curves' finals, every 10). Estimated from the update's S samples of b "
+        "examples (the run's layout); the averages' decay is 0.95. -: not "
+        "logged at that update, or no value yet. B / B_simple: how far the batch "
+        "is above the noise scale (far above 1: a larger batch buys little).",
+        "",
+        "| run | B | " + " | ".join(f"update {u}" for u in NOISE_UPDATES)
+        + " | B / B_simple: first, last |",
+        "|---|---|" + "---|" * (len(NOISE_UPDATES) + 1),
+    ]
+    for path in paths:
+        data = load_layer_statistics(path)
+        name = os.path.basename(path)[:-5]
+        batch = _batch_of(name)
+        series = {u: v for u, v in zip(data["updates"].tolist(), data["b_simple"])
+                  if np.isfinite(v)}
+        cells = [f"{series[u]:.0f}" if u in series else "-" for u in NOISE_UPDATES]
+        ends = (f"{batch / series[min(series)]:.1f}, {batch / series[max(series)]:.1f}"
+                if series else "-")
+        lines.append(f"| {name} | {batch} | " + " | ".join(cells) + f" | {ends} |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(plan, summary, statistics_dir=None, noise_dir=None):
     """Every table, as {name: markdown}, plus `chosen.json`'s text; with
-    `statistics_dir`, also the coherence table of the per-layer logs there."""
+    `statistics_dir`, also the coherence table of the per-layer logs there,
+    and with `noise_dir` the noise scale's table."""
     out = {name: make(plan, summary) for name, make in TABLES.items()}
     if statistics_dir is not None:
         out["coherence"] = coherence_table(statistics_dir)
+    if noise_dir is not None:
+        out["noise"] = noise_table(noise_dir)
     out["chosen.json"] = json.dumps(chosen_rates(plan, summary), indent=1,
                                     sort_keys=True) + "\n"
     return out
 
 
-def figures_block(records, img="img"):
+def noise_runs(plan, out_dir):
+    """(legend, statistics JSON, B) of the noise phase's runs on record."""
+    runs = []
+    for name in plan.noise_curves:
+        curve = plan.curve(name)
+        for path in sorted(glob.glob(os.path.join(
+                out_dir, "noise_scale", "runs", f"{name}_lr*_s*.json"))):
+            stats = os.path.join(out_dir, "noise_scale", os.path.basename(path))
+            if os.path.exists(stats):
+                runs.append((f"{curve.legend}, B={curve.batch_size}", stats,
+                             curve.batch_size))
+    return runs
+
+
+def figures_block(records, img="img", noise=False):
     """results.md's `figures` block: the figures the records allow."""
     if not records:
         return f"No figures yet: no run is on record ({NOT_RUN}).\n"
@@ -751,6 +808,9 @@ def figures_block(records, img="img"):
         "",
         f"![validation accuracy per epoch of the finals]({img}/final_epochs.png)",
     ]
+    if noise:
+        lines += ["", f"![gradient noise scale and coherence over training]"
+                  f"({img}/noise_scale.png)"]
     for record in records:
         path = record["config"].get("layer_stats_path")
         if record["config"].get("layer_stats_interval") and path:
@@ -760,10 +820,11 @@ def figures_block(records, img="img"):
     return "\n".join(lines) + "\n"
 
 
-def blocks(texts, records):
-    """The blocks of docs/results.md: every table of `tables` and the figures."""
+def blocks(texts, records, noise=False):
+    """The blocks of docs/results.md: every table of `tables` and the
+    figures (`noise`: with the noise scale's)."""
     out = {name: text for name, text in texts.items() if not name.endswith(".json")}
-    out["figures"] = figures_block(records)
+    out["figures"] = figures_block(records, noise=noise)
     return out
 
 
@@ -786,7 +847,8 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
     """
     records = load_records(os.path.join(out_dir, "runs"))
     summary = summarize(plan, records)
-    texts = tables(plan, summary, os.path.join(out_dir, "layer_statistics"))
+    texts = tables(plan, summary, os.path.join(out_dir, "layer_statistics"),
+                   os.path.join(out_dir, "noise_scale"))
     written = []
     for name, text in texts.items():
         path = os.path.join(out_dir, name if name.endswith(".json") else f"{name}.md")
@@ -797,7 +859,7 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
     if results_md and os.path.exists(results_md):
         with open(results_md) as f:
             text = f.read()
-        new = replace_blocks(text, blocks(texts, records))
+        new = replace_blocks(text, blocks(texts, records, bool(noise_runs(plan, out_dir))))
         if new != text:
             with open(results_md, "w") as f:
                 f.write(new)
@@ -806,6 +868,11 @@ def write_report(plan, out_dir, img_dir, results_md=None, figures=True):
         written += [
             plot_warmup_necessity(plan, summary, os.path.join(img_dir, "warmup_necessity.png")),
             plot_finals(summary, os.path.join(img_dir, "final_epochs.png"))]
+        noise = noise_runs(plan, out_dir)
+        if noise:
+            written.append(plots.plot_noise_scale(
+                noise, os.path.join(img_dir, "noise_scale.png"),
+                "Gradient noise scale and coherence: the claim curves' first final seed"))
         for path in sorted(glob.glob(os.path.join(out_dir, "layer_statistics", "*.json"))):
             # (the records name these files; see figures_block)
             png = os.path.join(img_dir, "layers_" + os.path.basename(path)[:-5] + ".png")

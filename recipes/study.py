@@ -3,10 +3,12 @@ accuracy, and the stable range of learning rates, of LARS with warmup?
 
     .venv/bin/python -m recipes.study status            # the plan and what is done
     .venv/bin/python -m recipes.study tune --max_runs 10
-    .venv/bin/python -m recipes.study final
     .venv/bin/python -m recipes.study ablation
     .venv/bin/python -m recipes.study break             # each curve's high end
-    .venv/bin/python -m recipes.study decoupled         # issue 19's protocol
+    .venv/bin/python -m recipes.study decoupled         # issue 19's protocol: tune
+    .venv/bin/python -m recipes.study rates             # ... its excluded rate, ±2x
+    .venv/bin/python -m recipes.study final             # every tuned curve's seeds
+    .venv/bin/python -m recipes.study noise             # B_simple of the claim curves
     .venv/bin/python -m recipes.study report            # tables and figures, no training
     .venv/bin/python -m recipes.study                   # all of it, in that order
 
@@ -73,7 +75,7 @@ from absl import app, flags  # noqa: E402
 from recipes import report  # noqa: E402
 
 PHASES = ("status", "tune", "final", "ablation", "break", "decoupled",
-          "report", "all")
+          "rates", "noise", "report", "all")
 ETA = 0.01
 # The decoupled protocol's peak rate of the variables without a trust ratio
 # (biases, BatchNorm), shared by its curves: the geometric middle of the
@@ -82,6 +84,10 @@ EXCLUDED_RATE = 4.0
 # At each decoupled curve's chosen step, the excluded rate is checked at these
 # multiples (seed 0, phase "rates"), so that no curve is capped by it.
 RATE_CHECK = (0.5, 2.0)
+# The noise scale's logging interval (updates) in runs that do not log every
+# update; phase "noise" re-runs each claim curve's first final seed with it
+# logged every update (records in <out>/noise_scale/).
+NOISE_INTERVAL = 10
 # A curve is run until it breaks: up its ladder, past the tuning window, until
 # a point diverges or falls this far below the curve's best, at most
 # BREAK_POINTS points (then its stable range is only a lower bound).
@@ -237,6 +243,10 @@ class Plan:
         if not quick:  # claim 1 again, at the larger batch
             self.claim_curves.update(clars_bigger=f"B{bigger}_clars_nowarmup_b{mb}",
                                      lars_warmup_bigger=f"B{bigger}_lars_warmup_b{mb}")
+        # Phase "noise": the gradient noise scale of the claim curves but SGD.
+        names = {c.name for c in self.curves}
+        self.noise_curves = [name for label, name in self.claim_curves.items()
+                             if not label.startswith("sgd") and name in names]
         p = self.protocol
         self.description = (
             f"Fashion-MNIST {p['image_size']}x{p['image_size']}, ResNet-{p['depth']} "
@@ -292,7 +302,13 @@ class Plan:
                     continue
             return window, "tuned", window[best]
 
-    def config(self, curve, lr, seed, out=None, layer_statistics=False):
+    def config(self, curve, lr, seed, out=None, layer_statistics=False,
+               noise_scale=False):
+        """The run's `train.Config`. `layer_statistics`: log them every
+        update to <out>/layer_statistics/; `noise_scale`: log the gradient
+        noise scale with them (every update with `layer_statistics`, else
+        every NOISE_INTERVAL, to <out>/noise_scale/), which adds optimizer
+        variables and leaves the update bit-identical."""
         from recipes import train
 
         fields = dict(self.protocol)
@@ -303,10 +319,19 @@ class Plan:
             warmup_epochs=self.warmup_epochs if curve.warmup else 0.0,
             base_lr=lr, seed=seed, excluded_lr=curve.excluded,
         )
-        if layer_statistics:
-            fields.update(layer_stats_interval=1, layer_stats_path=os.path.join(
-                out, "layer_statistics", f"{key(curve, lr, seed)}.json"))
+        if layer_statistics or noise_scale:
+            folder = "layer_statistics" if layer_statistics else "noise_scale"
+            fields.update(
+                layer_stats_interval=1 if layer_statistics else NOISE_INTERVAL,
+                layer_stats_path=os.path.join(out, folder, f"{key(curve, lr, seed)}.json"))
+        if noise_scale:
+            fields.update(noise_scale=True)
         return train.Config(**fields)
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def key(curve, lr, seed):
@@ -325,15 +350,18 @@ class Study:
         self.done_now = 0
 
     def selected(self, ablation=None, decoupled=False):
+        """The curves of a phase (None: either way), among `--curves`."""
         return [c for c in self.plan.curves
                 if (ablation is None or c.ablation == ablation)
-                and (c.excluded is not None) == decoupled
+                and (decoupled is None or (c.excluded is not None) == decoupled)
                 and (not self.only or c.name in self.only)]
 
     def config(self, curve, lr, seed):
-        # The first final seed of some curves logs per-layer statistics.
+        # The first final seed of some curves logs per-layer statistics; the
+        # decoupled curves' finals log the noise scale.
         return self.plan.config(curve, lr, seed, self.out, layer_statistics=(
-            seed == self.plan.final_seeds[0] and curve.name in self.plan.layer_statistics))
+            seed == self.plan.final_seeds[0] and curve.name in self.plan.layer_statistics),
+            noise_scale=curve.excluded is not None and seed in self.plan.final_seeds)
 
     def record(self, curve, lr, seed):
         """The run's record, or None; raises if it was made differently."""
@@ -345,10 +373,13 @@ class Study:
         expected = {k: v for k, v in dataclasses.asdict(self.config(curve, lr, seed)).items()
                     if k not in IGNORED}
         stored = {k: v for k, v in done["config"].items() if k not in IGNORED}
-        # A field added since the record was made (its default None, such as
-        # excluded_lr) is absent from it: the same run.
+        # A field added since the record was made (excluded_lr, noise_scale)
+        # is absent from it: the same run if the field is at its default.
+        from recipes import train
+
+        defaults = {f.name: f.default for f in dataclasses.fields(train.Config)}
         changed = sorted(k for k in set(stored) | set(expected)
-                         if stored.get(k) != expected.get(k))
+                         if stored.get(k, defaults.get(k)) != expected.get(k))
         if changed:
             raise ValueError(
                 f"{path} was made with a different configuration "
@@ -367,12 +398,20 @@ class Study:
                 out[lr] = report.final_accuracy(record)
         return out
 
-    def execute(self, curve, lr, seed, phase):
-        """Runs one configuration unless its record exists; returns the record."""
+    def execute(self, curve, lr, seed, phase, config=None, runs_dir=None):
+        """Runs one configuration unless its record exists; returns the record.
+
+        `config` and `runs_dir` default to the study's (`config`, `runs`);
+        the noise phase's re-runs go elsewhere with their own."""
         from recipes import train
 
-        config = self.config(curve, lr, seed)
-        done = self.record(curve, lr, seed)
+        runs_dir = runs_dir or self.runs_dir
+        if config is None:
+            config = self.config(curve, lr, seed)
+            done = self.record(curve, lr, seed)
+        else:
+            path = os.path.join(runs_dir, key(curve, lr, seed) + ".json")
+            done = _read(path) if os.path.exists(path) else None
         if done is not None:
             return done
         if self.left <= 0:
@@ -388,7 +427,7 @@ class Study:
         })
         from recipes.records import write_json
 
-        write_json(os.path.join(self.runs_dir, key(curve, lr, seed) + ".json"), record)
+        write_json(os.path.join(runs_dir, key(curve, lr, seed) + ".json"), record)
         self.left -= 1
         self.done_now += 1
         test = record.get("test_accuracy")
@@ -429,6 +468,20 @@ class Study:
             if self.execute(variant, chosen, self.plan.tune_seed, "rates") is None:
                 return
 
+    def noise(self, curve):
+        """Re-runs the curve's first final seed with the gradient noise scale
+        logged every update (records and statistics in <out>/noise_scale/)."""
+        chosen = self.plan.tuning_state(curve, self.accuracies(curve))[2]
+        if chosen is None:
+            print(f"{curve.name}: not tuned yet; its noise-scale run waits.", flush=True)
+            return
+        seed = self.plan.final_seeds[0]
+        config = dataclasses.replace(
+            self.plan.config(curve, chosen, seed, self.out, noise_scale=True),
+            layer_stats_interval=1)
+        self.execute(curve, chosen, seed, "noise", config,
+                     os.path.join(self.out, "noise_scale", "runs"))
+
     def until_broken(self, curve):
         """Runs up the ladder from the highest lr run, after tuning, until a
         point breaks (see BREAK_DROP); the lr that broke, or None."""
@@ -453,8 +506,8 @@ class Study:
             if phase == "tune":
                 for curve in self.selected(ablation=False):
                     self.tune(curve)
-            elif phase == "final":
-                for curve in self.selected(ablation=False):
+            elif phase == "final":  # the tied curves', then the decoupled ones'
+                for curve in self.selected(ablation=False, decoupled=None):
                     self.finals(curve, "final")
             elif phase == "ablation":
                 for curve in self.selected(ablation=True):
@@ -462,17 +515,17 @@ class Study:
             elif phase == "break":
                 for curve in self.selected():
                     self.until_broken(curve)
-            elif phase == "decoupled":
-                # Every curve tuned and run until it breaks first, then the
-                # excluded rate's check, then the finals.
-                curves = self.selected(decoupled=True)
-                for curve in curves:
+            elif phase == "decoupled":  # tuned, and run until it breaks
+                for curve in self.selected(decoupled=True):
                     self.tune(curve)
                     self.until_broken(curve)
-                for curve in curves:
+            elif phase == "rates":
+                for curve in self.selected(decoupled=True):
                     self.check_rates(curve)
-                for curve in curves:
-                    self.finals(curve, "final")
+            elif phase == "noise":
+                for name in self.plan.noise_curves:
+                    if not self.only or name in self.only:
+                        self.noise(self.plan.curve(name))
 
     def status(self):
         lines = []
@@ -510,8 +563,9 @@ def define_flags(flag_values=flags.FLAGS):
 
 
 def main(argv, flag_values=flags.FLAGS):
-    """Runs the phases `argv[1:]` (one of PHASES each; none: all = tune, final,
-    ablation, break, decoupled, report), the flags parsed into `flag_values`."""
+    """Runs the phases `argv[1:]` (one of PHASES each; none: all = tune,
+    ablation, break, decoupled, rates, final, noise, report), the flags
+    parsed into `flag_values`."""
     for phase in argv[1:]:
         if phase not in PHASES:
             raise app.UsageError(
@@ -529,7 +583,8 @@ def main(argv, flag_values=flags.FLAGS):
         plan.curve(name)  # raises for an unknown name
     phases = argv[1:] or ["all"]
     if "all" in phases:
-        phases = ["tune", "final", "ablation", "break", "decoupled", "report"]
+        phases = ["tune", "ablation", "break", "decoupled", "rates", "final", "noise",
+                  "report"]
     study = Study(plan, out, max_runs, flag_values.curves)
     began = time.time()
     study.run([p for p in phases if p not in ("status", "report")])

@@ -176,14 +176,15 @@ def test_committed_tables_equal_the_regenerated_ones():
     plan = study.Plan()
     records = report.load_records(os.path.join(RESULTS, "runs"))
     regenerated = report.tables(plan, report.summarize(plan, records),
-                                os.path.join(RESULTS, "layer_statistics"))
+                                os.path.join(RESULTS, "layer_statistics"),
+                                os.path.join(RESULTS, "noise_scale"))
     for name, text in regenerated.items():
         path = os.path.join(RESULTS, name if name.endswith(".json") else f"{name}.md")
         with open(path) as f:
             assert f.read() == text, f"{path} is stale: run python -m recipes.study report"
     with open(os.path.join(ROOT, "docs", "results.md")) as f:
         results_md = f.read()
-    blocks = report.blocks(regenerated, records)
+    blocks = report.blocks(regenerated, records, bool(report.noise_runs(plan, RESULTS)))
     assert report.replace_blocks(results_md, blocks) == results_md
     for name in blocks:  # every table and the figures are in results.md
         assert f"<!-- report:{name} -->" in results_md
@@ -198,8 +199,9 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     first = study.run_args(["--quick", "--out", out, "--max_runs", "3"])
     assert first.done_now == 3  # a slice: stopped after 3 runs
     done = study.run_args(["--quick", "--out", out])
-    # 2 main curves x 2 points + 2 finals; ablation: 2 points + 1 final.
-    assert first.done_now + done.done_now == 9
+    # 2 main curves x 2 points + 2 finals; ablation: 2 points + 1 final;
+    # noise: CLARS's final seed again, with the noise scale logged.
+    assert first.done_now + done.done_now == 10
     names = sorted(os.listdir(os.path.join(out, "runs")))
     assert len(names) == 9
     records = report.load_records(os.path.join(out, "runs"))
@@ -229,10 +231,24 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     # The CLARS final logged its per-layer statistics, drawn as heatmaps.
     (stats,) = os.listdir(os.path.join(out, "layer_statistics"))
     assert os.path.exists(os.path.join(out, "img", "layers_" + stats[:-5] + ".png"))
+    # The noise phase: the same run with B_simple logged every update, its
+    # record apart, its table and figure.
+    (noise,) = os.listdir(os.path.join(out, "noise_scale", "runs"))
+    assert noise == stats
+    logged = _read(os.path.join(out, "noise_scale", noise))
+    assert [r["update"] for r in logged["records"]] == [1, 2, 3, 4]
+    assert "| B256_clars_nowarmup_b64_lr" in open(os.path.join(out, "noise.md")).read()
+    with open(os.path.join(out, "img", "noise_scale.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    # A record made under another protocol is refused, not reused.
+    # A record made before a field existed (at its default) is the same run.
     path = os.path.join(out, "runs", names[0])
     record = _read(path)
+    del record["config"]["noise_scale"]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    assert study.run_args(["--quick", "--out", out, "tune"]).done_now == 0
+    # A record made under another protocol is refused, not reused.
     record["config"]["epochs"] = 3
     with open(path, "w") as f:
         json.dump(record, f)
@@ -244,10 +260,13 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
 
 def test_coherence_table_reads_rise_and_decay(tmp_path):
     # Two adapted layers and one excluded; geometric mean over the adapted.
-    records = [{"update": u, "values": {"coherence": [c, c / 4, 1.0]}}
+    from keras_clars.callbacks import FORMAT
+
+    records = [{"update": u, "epoch": 0, "values": {"coherence": [c, c / 4, 1.0]}}
                for u, c in [(1, 0.2), (6, 0.4), (12, 0.3), (24, 0.1), (48, 0.05)]]
     with open(tmp_path / "run_a.json", "w") as f:
-        json.dump({"adapted": [True, True, False], "records": records}, f)
+        json.dump({"format": FORMAT, "layers": ["a", "b", "c"], "statistics": [
+            "coherence"], "adapted": [True, True, False], "records": records}, f)
     table = report.coherence_table(str(tmp_path))
     row = [line for line in table.splitlines() if line.startswith("| run_a |")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
