@@ -144,7 +144,9 @@ def per_example_norms(model):
     over the global batch). The training step hands CLARS the norms with
     `keras_clars.apply_with_sample_norms`, which your own training step can
     call too. With LARS or a Keras optimizer the wrapper is a
-    no-op: the training step is Keras's own.
+    no-op: the training step is Keras's own; with `noise_scale=True` LARS
+    gets the per-example squared norms for the noise scale
+    (docs/noise_scale.md).
 
     Backends: TensorFlow, JAX and PyTorch. The norms need the gradients
     with respect to the layers' outputs from the same backward pass: from
