@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m recipes.compare
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) -m benchmarks.optimizer_step
