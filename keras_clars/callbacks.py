@@ -33,7 +33,11 @@ def layerwise_optimizer(optimizer):
     if not isinstance(inner, LayerwiseOptimizer):
         raise ValueError(
             "The model's optimizer must be keras_clars.LARS or CLARS (possibly "
-            f"inside a LossScaleOptimizer); received {optimizer!r}."
+            "inside a LossScaleOptimizer): the layer statistics and the "
+            "gradient noise scale are theirs. For momentum SGD with them, use "
+            "LARS with every variable excluded from layer adaptation "
+            "(`exclude_from_layer_adaptation(var_names=['/'])`, as "
+            f"recipes.optimizers.MomentumSGD does); received {optimizer!r}."
         )
     return inner
 
