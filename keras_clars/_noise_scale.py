@@ -85,11 +85,12 @@ class NoiseScale:
 
     # ------------------------------------------------------ replica phase
 
-    def replica_terms(self, layers, grads, held, replicas):
+    def replica_terms(self, layers, own_norms, held, replicas):
         """This replica's [c * m2, c, c * b] over `layers` (3 blocks of one
         vector, layer order), or None when the update has one sample.
 
-        `held` is what `apply` was handed for this replica (or None): the
+        `own_norms()` gives the replica's gradient norms per group; `held`
+        is what `apply` was handed for this replica (or None): the
         per-example mean squared norms (None for a variable without them,
         whose sample is then the replica's gradient) and the examples n.
         Each sample's gradient is R times the replica's (Keras scales each
@@ -105,7 +106,7 @@ class NoiseScale:
                               stacklevel=4)
             return None
         dtype = layers.dtype
-        own = ops.square(layers.join(layers.norms(grads)))  # ||g_r||^2
+        own = ops.square(layers.join(own_norms()))  # ||g_r||^2
         if squared is None:
             if self.optimizer.sample_size is None:
                 raise ValueError(NEEDS_SAMPLE_SIZE.format(name=name))

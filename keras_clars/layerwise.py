@@ -264,9 +264,16 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
         """
         replicas = _backend.num_replicas()
         held = _samples.held(self, layers)
-        sample_norms = self._sample_norms(layers, grads, held, replicas)
+        own = []  # this replica's gradient norms, per group, computed once
+
+        def own_norms():
+            if not own:
+                own.extend(layers.norms(grads))
+            return own
+
+        sample_norms = self._sample_norms(layers, own_norms, held, replicas)
         noise = None if self._noise is None else self._noise.replica_terms(
-            layers, grads, held, replicas)
+            layers, own_norms, held, replicas)
         extra = [t for t in (sample_norms, noise) if t is not None]
         reduced = _backend.all_reduce_sum(grads + extra)
         grads, extra = reduced[:len(grads)], reduced[len(grads):]
@@ -275,10 +282,11 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
         return grads, {"complete_norms": sample_norms,
                        "noise": extra.pop(0) if noise is not None else None}
 
-    def _sample_norms(self, layers, grads, held, replicas):
+    def _sample_norms(self, layers, own_norms, held, replicas):
         """CLARS: this replica's sample norms over the layers, times R
         (Keras scales each replica's loss by 1/R: undo it on the samples);
-        None when N_l is ||g_l||."""
+        None when N_l is ||g_l||. `own_norms()`: the replica's gradient
+        norms."""
         given = None if held is None else held["norms"]
         if not self.uses_complete_norm:
             return None
@@ -287,7 +295,7 @@ class LayerwiseOptimizer(_arguments.Configuration, keras.optimizers.Optimizer):
             self._warn_one_sample()
             return None
         if given is None:
-            return layers.join([replicas * n for n in layers.norms(grads)])
+            return layers.join([replicas * n for n in own_norms()])
         return replicas * ops.stack([ops.cast(n, layers.dtype) for n in given])
 
     def _update_phase(self, layers, grads, samples, learning_rate,

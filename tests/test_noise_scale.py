@@ -238,17 +238,21 @@ def test_logger_writes_b_simple_to_json_and_tensorboard(tmp_path):
     last = logger.records[-1]
     final = optimizer.gradient_noise_scale()
     assert last["update"] == 4 and last["b_simple"] == final["b_simple"] > 0
+    # Blocks: one per layer here (conv2d, depthwise_conv2d, dense), each
+    # the ratio of its variables' summed averages.
     stats = optimizer.layer_statistics()
-    for block in ("sequential/conv2d", "sequential/depthwise_conv2d", "sequential/dense"):
+    assert len(last["b_simple_blocks"]) == 3
+    for block, value in last["b_simple_blocks"].items():
         rows = [v for path, v in stats.items() if path.startswith(block + "/")]
+        assert len(rows) == 2  # kernel and bias
         expected = (sum(v["trace_covariance_average"] for v in rows)
                     / sum(v["squared_gradient_average"] for v in rows))
-        np.testing.assert_allclose(last["b_simple_blocks"][block], expected, rtol=1e-5)
-    assert len(last["b_simple_blocks"]) == 3
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
     events = event_accumulator.EventAccumulator(
         str(tmp_path / "tb"), size_guidance={event_accumulator.TENSORS: 0})
     events.Reload()
     logged = {e.step: float(tf.make_ndarray(e.tensor_proto))
               for e in events.Tensors("noise_scale/b_simple")}
     assert sorted(logged) == [1, 2, 4] and logged[4] == np.float32(final["b_simple"])
-    assert "noise_scale/blocks/sequential/dense" in events.Tags()["tensors"]
+    assert {f"noise_scale/blocks/{b}" for b in last["b_simple_blocks"]} <= set(
+        events.Tags()["tensors"])

@@ -272,7 +272,8 @@ def test_train_runs_on_mock_tfds(dataset, classes, tmp_path):
 def test_fashion_mnist_mirrored_on_two_logical_cpus(tmp_path):
     result = _train([*TINY, "--strategy=mirrored", "--logical_cpus=2",
                      "--batch_size=256", "--micro_batch_size=64", "--steps_per_epoch=3",
-                     "--epochs=1", f"--model_dir={tmp_path}"])
+                     "--epochs=1", f"--model_dir={tmp_path}", "--optimizer=lars",
+                     "--noise_scale"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _read(tmp_path / "summary.json")
     assert summary["replicas"] == 2
@@ -280,6 +281,11 @@ def test_fashion_mnist_mirrored_on_two_logical_cpus(tmp_path):
     assert summary["final_updates"] == 3
     assert np.isfinite(summary["final"]["loss"])
     assert "S=4 gradient samples per update" in result.stdout
+    # LARS's noise scale under the strategy: S = 4 samples of b = 64.
+    (first, *_) = _read(tmp_path / "layer_statistics.json")["records"]
+    assert set(first["values"]["samples"]) == {4.0}
+    assert set(first["values"]["sample_size"]) == {64.0}
+    assert "b_simple" in first
 
 
 @needs_fashion
