@@ -813,7 +813,9 @@ def figures_block(records, img="img", noise=False):
                   f"({img}/noise_scale.png)"]
     for record in records:
         path = record["config"].get("layer_stats_path")
-        if record["config"].get("layer_stats_interval") and path:
+        # Heatmaps of the runs that logged every update (not the noise logs).
+        if (record["config"].get("layer_stats_interval") and path
+                and os.path.basename(os.path.dirname(path)) == "layer_statistics"):
             name = os.path.basename(path)[:-len(".json")]
             lines += ["", f"![per-layer coherence and trust ratio, {name}]"
                       f"({img}/layers_{name}.png)"]
