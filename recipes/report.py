@@ -740,8 +740,13 @@ def _batch_of(name):
 
 
 def noise_table(noise_dir):
-    """B_simple over training, from the logs with the noise scale on file."""
-    paths = sorted(glob.glob(os.path.join(noise_dir, "*.json")))
+    """B_simple over training, from the logs with the noise scale on file
+    whose run has its record (a run still training is left out)."""
+    runs = os.path.join(os.path.dirname(os.path.abspath(noise_dir)), "runs")
+    paths = sorted(
+        p for p in glob.glob(os.path.join(noise_dir, "*.json"))
+        if any(os.path.exists(os.path.join(d, os.path.basename(p)))
+               for d in (os.path.join(noise_dir, "runs"), runs)))
     if not paths:
         return f"No noise-scale logs on record ({NOT_RUN}).\n"
     lines = [
