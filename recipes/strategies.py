@@ -49,6 +49,24 @@ def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def build_before_fit(model, x, y):
+    """Builds `model` from a host batch `(x, y)`: `fit` then reads no batch first.
+
+    Under a tf.distribute strategy, Keras 3.15.1's `fit` and `evaluate`
+    first draw one batch from a throw-away iterator of the data to build the
+    model (`_maybe_symbolic_build`). On a training stream shuffled with a
+    seed, that iteration advances the shuffle's seed generator (each
+    iteration reshuffles), by as many epochs as it reads: the training
+    iterator made next is shuffled with later seeds, and a resumed run that
+    `skip`s into the stream draws other seeds than the uninterrupted run.
+    This builds the model here and turns that step off, so the training
+    stream is read once, from its start. It touches private Keras
+    attributes: call it after `compile`, under the strategy's scope.
+    """
+    model._symbolic_build(data_batch=(x, y))
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+
 def prepare_multi_worker_fit(model, x, y):
     """Makes `model.fit` and `evaluate` work under MultiWorkerMirroredStrategy.
 
@@ -56,12 +74,12 @@ def prepare_multi_worker_fit(model, x, y):
     `fit` first reduces a distributed data batch with `strategy.reduce` to
     build the model, which raises; and each step reduces its scalar logs with
     `strategy.reduce("MEAN", v, axis=0)`, which raises for rank 0. So this
-    builds the model from a host batch `(x, y)` and skips that step, and gives
-    the steps logs of shape (1,). It touches private Keras attributes: call it
-    after `compile`, under the strategy's scope, and only for multi-worker.
+    builds the model from a host batch `(x, y)` and skips that step
+    (`build_before_fit`), and gives the steps logs of shape (1,). It touches
+    private Keras attributes: call it after `compile`, under the strategy's
+    scope, and only for multi-worker.
     """
-    model._symbolic_build(data_batch=(x, y))
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    build_before_fit(model, x, y)
 
     def with_vector_logs(step):
         def wrapped(data):

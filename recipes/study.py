@@ -16,7 +16,10 @@ Every run is one `recipes.train.run(Config)`; its record (config, commit,
 package versions, wall time, per-epoch metrics, final validation and test
 accuracy) goes to `docs/results/runs/<key>.json`, written atomically. A rerun
 skips the runs whose record is there, so the study can be stopped at any
-point and resumed, in slices (`--max_runs`) across sessions. The protocol
+point and resumed, in slices (`--max_runs`) across sessions. A run checkpoints
+at each epoch end to `<out>/partial/runs/<key>/` (deleted once its record is
+written): a run killed midway resumes from its last checkpoint, to the record
+of an uninterrupted run (and `summary.resumes` says where). The protocol
 (below, and in docs/results.md) is fixed in this file.
 
 Protocol:
@@ -65,6 +68,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -420,7 +424,11 @@ class Study:
 
         keras.backend.clear_session()
         began = time.time()
-        result = train.run(config)
+        # Checkpoints at each epoch end; a run killed midway resumes there
+        # (<out>/partial/runs/<key>; the noise phase's: partial/noise_scale/runs).
+        partial = os.path.join(self.out, "partial", os.path.relpath(runs_dir, self.out),
+                               key(curve, lr, seed))
+        result = train.run(config, checkpoint_dir=partial)
         record = dict(result["record"], study={
             "curve": curve.name, "phase": phase, "lr": lr, "seed": seed,
             "key": key(curve, lr, seed),
@@ -428,6 +436,7 @@ class Study:
         from recipes.records import write_json
 
         write_json(os.path.join(runs_dir, key(curve, lr, seed) + ".json"), record)
+        shutil.rmtree(partial)
         self.left -= 1
         self.done_now += 1
         test = record.get("test_accuracy")

@@ -196,11 +196,14 @@ def build(config, summary, source, strategy, rates, excluded_rates):
             jit_compile=config.jit_compile,
         )
         model.optimizer.build(model.trainable_variables)
+        batch = (np.zeros((1, size, size, source.channels), "float32"),
+                 np.zeros((1, source.num_classes), "float32"))
         if strategies.is_multi_worker(strategy):
             # Works around a Keras 3.15 multi-worker bug (docs/distribution.md).
-            strategies.prepare_multi_worker_fit(
-                model, np.zeros((1, size, size, source.channels), "float32"),
-                np.zeros((1, source.num_classes), "float32"))
+            strategies.prepare_multi_worker_fit(model, *batch)
+        elif tf.distribute.has_strategy():  # where fit would build from the data
+            # fit's own build would advance the training shuffle's seeds.
+            strategies.build_before_fit(model, *batch)
     return model
 
 
@@ -212,7 +215,7 @@ def resume(config, model, summary, out):
     the run so far, with its time and step.
     """
     steps, k = summary["micro_steps_per_epoch"], summary["accumulation_k"]
-    start, logs = 0, []
+    start, logs, saves = 0, [], []
     if out:
         os.makedirs(out, exist_ok=True)
         run = {name: value for name, value in dataclasses.asdict(config).items()
@@ -226,7 +229,8 @@ def resume(config, model, summary, out):
         csv = os.path.join(out, "metrics.csv")
         callbacks.keep_csv_epochs(csv, start // steps)
         logs = [keras.callbacks.CSVLogger(csv, append=True), keras.callbacks.TensorBoard(
-            os.path.join(out, "logs"), write_graph=False), checkpointer]
+            os.path.join(out, "logs"), write_graph=False)]
+        saves = [checkpointer]
     else:
         epoch_log = callbacks.EpochLog()
     resumes = records.read_json(os.path.join(out, "resumes.json"), []) if start else []
@@ -255,7 +259,9 @@ def resume(config, model, summary, out):
             log_dir=os.path.join(out, "logs", "layers") if out else None,
             json_path=config.layer_stats_path or (
                 os.path.join(out, "layer_statistics.json") if out else None)))
-    return start, [epoch_log, *logs, *extra], epoch_log, coherence
+    # The save comes last: what the other callbacks record at a step (update
+    # 1's coherence) is on disk before a save there can be resumed from.
+    return start, [epoch_log, *logs, *extra, *saves], epoch_log, coherence
 
 
 def fit(config, model, sources, summary, start, more_callbacks):

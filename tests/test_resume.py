@@ -6,17 +6,19 @@ variable `recipes.callbacks.KILL_ENV` read by the Checkpointer) and restarted
 with the same command:
 
 1. killed right after a checkpoint forced in the middle of an accumulation
-   window (micro-step 18 of 16-step epochs, k=4);
-2. restarted, killed right after the regular mid-epoch checkpoint 24;
-3. restarted, killed right after the epoch-end checkpoint 32;
-4. restarted, killed *during* the write of checkpoint 36 (its weights file
-   cut in half, its JSON never written): the rerun must resume from 32;
+   window (micro-step 2 of 8-step epochs, k=4);
+2. restarted, killed right after the regular mid-epoch checkpoint 4 (the
+   end of update 1, before its coherence is read);
+3. restarted, killed right after the epoch-end checkpoint 8;
+4. restarted, killed *during* the write of checkpoint 12 (its weights file
+   cut in half, its JSON never written): the rerun must resume from 8;
 5. restarted, runs to the end.
 
 Each restart must resume where the previous process was killed, and the end
 must equal the reference bit for bit: the final checkpoint (weights,
-BatchNorm statistics, every optimizer variable), and every epoch's metrics
-(training and validation) but its wall time.
+BatchNorm statistics, every optimizer variable; under MirroredStrategy each
+replica's BatchNorm statistics), and every epoch's metrics (training and
+validation) but its wall time.
 """
 
 import csv
@@ -37,17 +39,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason="dataset-fashion-mnist missing")
-# 1024 examples, B=256 of micro-batches 64: k=4, 4 updates = 16 micro-steps
-# an epoch, 3 epochs; a checkpoint every 3 updates (12 micro-steps) and at
-# every epoch end: 12, 16, 24, 32, 36, 48.
+# 512 examples, B=256 of micro-batches 64: k=4, 2 updates = 8 micro-steps
+# an epoch, 2 epochs; a checkpoint every update (4 micro-steps): 4, 8, 12, 16.
 ARGS = ["--dataset=fashion_mnist", "--depth=8", "--width=4", "--image_size=14",
-        "--noaugment", "--batch_size=256", "--micro_batch_size=64", "--epochs=3",
-        "--train_examples=1024", "--validation_examples=512", "--eval_steps=3",
+        "--noaugment", "--batch_size=256", "--micro_batch_size=64", "--epochs=2",
+        "--train_examples=512", "--validation_examples=512", "--eval_steps=2",
         "--seed=3", "--deterministic", "--optimizer=clars", "--base_lr=2",
-        "--trust_coefficient=0.01", "--checkpoint_steps=3", "--verbose=0"]
-FINAL, STEPS = 48, 16
+        "--trust_coefficient=0.01", "--checkpoint_steps=1", "--verbose=0"]
+FINAL, STEPS = 16, 8
 # (kill, the step the next process must resume from)
-CHAIN = [("after:18", 18), ("after:24", 24), ("after:32", 32), ("during:36", 32)]
+CHAIN = [("after:2", 2), ("after:4", 4), ("after:8", 8), ("during:12", 8)]
 
 
 def _run(args, model_dir, kill=None):
@@ -121,8 +122,8 @@ def _check_chain(tmp_path, args, chain=CHAIN):
             expected_resume = resume_at
     code, reference_output = _finish(reference)
     assert code == 0, reference_output[-3000:]
-    assert _csv_epochs(chain_dir / "metrics.csv") == [0, 1, 2]
-    assert [e["epoch"] for e in _read(chain_dir / "metrics.json")] == [0, 1, 2]
+    assert _csv_epochs(chain_dir / "metrics.csv") == [0, 1]
+    assert [e["epoch"] for e in _read(chain_dir / "metrics.json")] == [0, 1]
     assert _read(saves / f"step-{FINAL}.json")["optimizer_digest"] == _read(
         reference_dir / "checkpoints" / f"step-{FINAL}.json")["optimizer_digest"]
 
@@ -135,14 +136,23 @@ def _check_chain(tmp_path, args, chain=CHAIN):
     for name, value in expected.items():
         assert actual[name].dtype == value.dtype, name
         assert np.array_equal(actual[name], value), name
+    # Under MirroredStrategy, each replica's own BatchNorm statistics too.
+    replicas = f"checkpoints/step-{FINAL}.replicas.npz"
+    assert (chain_dir / replicas).exists() == (reference_dir / replicas).exists()
+    if (reference_dir / replicas).exists():
+        with np.load(reference_dir / replicas) as want, np.load(chain_dir / replicas) as got:
+            assert sorted(got) == sorted(want) and len(want) > 0
+            for name in want:
+                assert np.array_equal(got[name], want[name]), name
 
     # Every epoch's metrics, training and validation, but its wall time.
     def metrics(record):
         return [{k: v for k, v in e.items() if k != "epoch_time"} for e in record["epochs"]]
 
     want, got = _read(reference_dir / "record.json"), _read(chain_dir / "record.json")
-    assert [e["epoch"] for e in want["epochs"]] == [0, 1, 2]
+    assert [e["epoch"] for e in want["epochs"]] == [0, 1]
     assert metrics(got) == metrics(want)
+    assert want["first_update_coherence"] is not None
     for key in ("final_validation_accuracy", "best_validation_accuracy", "test_accuracy",
                 "first_update_coherence"):
         assert got[key] == want[key], key
@@ -158,9 +168,15 @@ def test_killed_runs_resume_to_the_uninterrupted_end(tmp_path):
     _check_chain(tmp_path, ARGS)
 
 
-def test_killed_per_example_augmented_mixed_runs_resume_to_the_uninterrupted_end(tmp_path):
-    # Per-example norms, augmentation on, mixed float16 (a loss scale):
-    # killed mid-window and during a save's write.
-    args = [a for a in ARGS if a != "--noaugment"]
-    args += ["--per_example_norms", "--augment", "--dtype=mixed_float16"]
-    _check_chain(tmp_path, args, CHAIN[:1] + CHAIN[3:])
+def test_killed_mirrored_per_example_augmented_mixed_runs_resume_to_the_uninterrupted_end(
+        tmp_path):
+    # MirroredStrategy on 2 logical CPUs, slices of 32 (k=4 still), with
+    # per-example norms, augmentation on and mixed float16 (a loss scale):
+    # the whole chain. Each process has one strategy (the subprocesses start
+    # TensorFlow anew).
+    args = [a for a in ARGS if a not in ("--noaugment", "--micro_batch_size=64")]
+    args += ["--micro_batch_size=32", "--strategy=mirrored", "--logical_cpus=2",
+             "--per_example_norms", "--augment", "--dtype=mixed_float16"]
+    want, got = _check_chain(tmp_path, args)
+    assert want["summary"]["replicas"] == got["summary"]["replicas"] == 2
+    assert want["config"]["dtype"] == "mixed_float16" and want["config"]["per_example_norms"]

@@ -2,11 +2,14 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from absl import app
 
-from recipes import report, stats, study
+from recipes import callbacks, report, stats, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -212,8 +215,9 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
         assert 0 <= record["test_accuracy"] <= 1
         assert record["summary"]["warmup_updates"] == (2 if "_warmup_" in s["key"] else 0)
         assert s["seed"] in (0, 1) and (s["phase"] == "tune") == (s["seed"] == 0)
-    # A rerun trains nothing.
+    # A rerun trains nothing; no run's checkpoints are left.
     assert study.run_args(["--quick", "--out", out, "tune", "final", "ablation"]).done_now == 0
+    assert os.listdir(os.path.join(out, "partial", "runs")) == []
 
     chosen = _read(os.path.join(out, "chosen.json"))
     plan = study.Plan(quick=True)
@@ -256,6 +260,60 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
         study.run_args(["--quick", "--out", out, "status"])
     with pytest.raises(ValueError, match="different configuration \\(epochs\\)"):
         study.run_args(["--quick", "--out", out, "tune", "ablation"])
+
+
+def _study(out, kill=None):
+    """The quick study's first run, in its own process (killed on `kill`)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop(callbacks.KILL_ENV, None)
+    if kill:
+        env[callbacks.KILL_ENV] = kill
+    return subprocess.Popen(
+        [sys.executable, "-m", "recipes.study", "--quick", "--out", str(out),
+         "--max_runs", "1", "tune"], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.skipif(not os.path.exists(FASHION), reason="dataset-fashion-mnist missing")
+def test_a_killed_study_run_resumes_to_the_uninterrupted_record(tmp_path):
+    # The quick plan's first run: 8 micro-steps an epoch, 2 epochs; the
+    # study checkpoints at epoch ends. Killed (SIGKILL) right after the save
+    # at the end of epoch 0, then the same command again.
+    reference = _study(tmp_path / "reference")
+    killed = _study(tmp_path / "chain", kill="after:8")
+    output, _ = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, output[-3000:]
+    assert not os.path.exists(tmp_path / "chain" / "runs")  # no record yet
+    (name,) = os.listdir(tmp_path / "chain" / "partial" / "runs")
+    saves = tmp_path / "chain" / "partial" / "runs" / name / "checkpoints"
+    assert sorted(os.listdir(saves)) == ["step-8.json", "step-8.weights.h5"]
+    rerun = _study(tmp_path / "chain")
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "Resumed from" in output and "at epoch 1, micro-step 0 of 8." in output
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output[-3000:]
+
+    want = _read(tmp_path / "reference" / "runs" / f"{name}.json")
+    got = _read(tmp_path / "chain" / "runs" / f"{name}.json")
+    assert os.listdir(tmp_path / "chain" / "partial" / "runs") == []  # deleted once on record
+    assert want["config"] == got["config"] and want["study"] == got["study"]
+    assert got["config"]["model_dir"] == "" and "partial" not in json.dumps(got["config"])
+    assert want["summary"]["resumes"] == []
+    assert [(r["epoch"], r["step"]) for r in got["summary"]["resumes"]] == [(1, 0)]
+
+    def metrics(record):
+        return [{k: v for k, v in e.items() if k != "epoch_time"} for e in record["epochs"]]
+
+    assert len(want["epochs"]) == 2 and metrics(got) == metrics(want)
+    for key in ("final_validation_accuracy", "best_validation_accuracy", "test_accuracy"):
+        assert got[key] == want[key] is not None, key
+
+    def summary(record):  # but the time and where it resumed
+        return {k: v for k, v in record["summary"].items()
+                if k not in ("train_seconds", "resumes", "resumed_at")}
+
+    assert summary(got) == summary(want) and "test_loss" in summary(want)
 
 
 def test_coherence_table_reads_rise_and_decay(tmp_path):
