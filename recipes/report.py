@@ -731,8 +731,8 @@ def coherence_table(statistics_dir, warmup_updates=24):
     return "\n".join(lines) + "\n"
 
 
-# Updates at which the noise table samples B_simple.
-NOISE_UPDATES = (1, 12, 24, 48, 96, 144)
+# Epochs at whose end the noise table samples B_simple (and update 1).
+NOISE_EPOCHS = (1, 2, 4, 8, 12)
 
 
 def _batch_of(name):
@@ -743,10 +743,19 @@ def noise_table(noise_dir):
     """B_simple over training, from the logs with the noise scale on file
     whose run has its record (a run still training is left out)."""
     runs = os.path.join(os.path.dirname(os.path.abspath(noise_dir)), "runs")
-    paths = sorted(
-        p for p in glob.glob(os.path.join(noise_dir, "*.json"))
-        if any(os.path.exists(os.path.join(d, os.path.basename(p)))
-               for d in (os.path.join(noise_dir, "runs"), runs)))
+
+    def finished(path):  # a record that names this log
+        name = os.path.basename(path)
+        for folder in (os.path.join(noise_dir, "runs"), runs):
+            record = os.path.join(folder, name)
+            if os.path.exists(record):
+                with open(record) as f:
+                    logged = json.load(f)["config"].get("layer_stats_path") or ""
+                if logged.endswith(os.path.join("noise_scale", name)):
+                    return True
+        return False
+
+    paths = sorted(filter(finished, glob.glob(os.path.join(noise_dir, "*.json"))))
     if not paths:
         return f"No noise-scale logs on record ({NOT_RUN}).\n"
     lines = [
@@ -757,11 +766,13 @@ def noise_table(noise_dir):
         "curves' finals, every 10). Estimated from the update's S samples of b "
         "examples (the run's layout); the averages' decay is 0.95. -: not "
         "logged at that update, or no value yet. B / B_simple: how far the batch "
-        "is above the noise scale (far above 1: a larger batch buys little).",
+        "is above the noise scale (far above 1: a larger batch buys little). "
+        "Epoch e: the last logged update of epoch e (B = 4096: 12 updates an "
+        "epoch; 8192: 6).",
         "",
-        "| run | B | " + " | ".join(f"update {u}" for u in NOISE_UPDATES)
+        "| run | B | update 1 | " + " | ".join(f"epoch {e}" for e in NOISE_EPOCHS)
         + " | B / B_simple: first, last |",
-        "|---|---|" + "---|" * (len(NOISE_UPDATES) + 1),
+        "|---|---|---|" + "---|" * (len(NOISE_EPOCHS) + 1),
     ]
     for path in paths:
         data = load_layer_statistics(path)
@@ -769,7 +780,10 @@ def noise_table(noise_dir):
         batch = _batch_of(name)
         series = {u: v for u, v in zip(data["updates"].tolist(), data["b_simple"])
                   if np.isfinite(v)}
-        cells = [f"{series[u]:.0f}" if u in series else "-" for u in NOISE_UPDATES]
+        # The last record of each epoch (epochs count from 0 in the log).
+        last_of = {int(e) + 1: u for u, e in zip(data["updates"].tolist(), data["epochs"])}
+        points = [1] + [last_of.get(e) for e in NOISE_EPOCHS]
+        cells = [f"{series[u]:.0f}" if u in series else "-" for u in points]
         ends = (f"{batch / series[min(series)]:.1f}, {batch / series[max(series)]:.1f}"
                 if series else "-")
         lines.append(f"| {name} | {batch} | " + " | ".join(cells) + f" | {ends} |")
