@@ -16,6 +16,9 @@ Measures, all under jit (XLA):
 3. **The per-example cost.** The same CLARS step with
    `keras_clars.per_example_norms`, against CLARS: the step-time ratio.
 
+`--parts update` runs the first part alone: at full size on a CPU, it is
+the JAX row of the XLA update's cost (docs/performance.md).
+
 `--cpu` runs the same code at CI size (a small convolutional model, batch
 8, 32x32, two rounds), so that the script cannot rot; tests/
 test_device_check.py runs it. Budget on one H200: under 8 minutes
@@ -23,15 +26,14 @@ test_device_check.py runs it. Budget on one H200: under 8 minutes
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+from benchmarks import records  # noqa: E402
 from benchmarks.timing import interleaved  # noqa: E402
 
 
@@ -135,14 +137,22 @@ def training(cpu, batch, rounds):
                                              / first["CLARS"])}
 
 
-def main(argv=None):
+def arguments():
+    """The command line (the suite's test parses its plan with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/device_check.json")
     parser.add_argument("--cpu", action="store_true",
                         help="CI size, on whatever device JAX has")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--parts", default="update,training",
+                        help="comma-separated: update, training")
+    return parser
+
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
+    parts = args.parts.split(",")
     import jax
     import keras
 
@@ -152,30 +162,23 @@ def main(argv=None):
     batch = args.batch or (8 if args.cpu else 64)
     rounds = args.rounds or (2 if args.cpu else 10)
     started = time.perf_counter()
-    record = {
-        "command": "python -m benchmarks.device_check " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "environment": {"keras": keras.__version__, "jax": jax.__version__,
-                        "devices": [str(d) for d in jax.devices()],
-                        "python": platform.python_version(),
-                        "load_average_at_start": os.getloadavg()},
-        "cpu_size": args.cpu,
-    }
-    record["update"] = update(args.cpu, rounds)
-    print(f"update: CLARS/SGD {record['update']['CLARS/SGD']:.2f}, "
-          f"CLARS/LARS {record['update']['CLARS/LARS']:.2f}", flush=True)
-    record["training"] = training(args.cpu, batch, rounds)
-    for name, rate in record["training"]["images_per_s"].items():
-        print(f"training step, {name}: {rate:.1f} images/s", flush=True)
-    print(f"per-example/CLARS step: "
-          f"{record['training']['per_example/CLARS']:.2f}", flush=True)
+    record = records.start("python -m benchmarks.device_check " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    record["environment"].update(jax=jax.__version__,
+                                 devices=[str(d) for d in jax.devices()])
+    record["cpu_size"] = args.cpu
+    if "update" in parts:
+        record["update"] = update(args.cpu, rounds)
+        print(f"update: CLARS/SGD {record['update']['CLARS/SGD']:.2f}, "
+              f"CLARS/LARS {record['update']['CLARS/LARS']:.2f}", flush=True)
+    if "training" in parts:
+        record["training"] = training(args.cpu, batch, rounds)
+        for name, rate in record["training"]["images_per_s"].items():
+            print(f"training step, {name}: {rate:.1f} images/s", flush=True)
+        print(f"per-example/CLARS step: "
+              f"{record['training']['per_example/CLARS']:.2f}", flush=True)
     record["seconds_in_all"] = time.perf_counter() - started
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out} ({record['seconds_in_all']:.0f} s)")
+    records.write(args.out, record)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ contestants alike within a round):
 
     python -m benchmarks.optimizer_step                 # both parts
     python -m benchmarks.optimizer_step --parts update --repeats 9
+    python -m benchmarks.optimizer_step --out benchmarks/results/optimizer_step.json
+
+With --out, the medians, minima and ratios go to a JSON record
+(`benchmarks.records`; `python -m benchmarks.tables` prints its tables).
 """
 
 import argparse
@@ -26,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import records, timing  # noqa: E402
 from keras_clars import CLARS, LARS  # noqa: E402
 
 TARGETS = {"CLARS/SGD": 1.5, "CLARS/LARS": 1.05, "train CLARS/SGD": 1.03}
@@ -65,12 +69,18 @@ def _report(times, pairs, label):
     for name, t in times.items():
         print(f"  {label}{name:>18}: median {medians[name] * 1e3:8.1f} ms "
               f"(min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f}, n={len(t)})")
-    ratios = {}
+    ratios, minima = {}, {}
     for a, b in pairs:
         ratios[(a, b)] = medians[a] / medians[b]
+        minima[f"{a}/{b}"] = min(times[a]) / min(times[b])
         print(f"  {label}{a + ' / ' + b:>18}: {ratios[(a, b)]:.3f} "
-              f"(of minima: {min(times[a]) / min(times[b]):.3f})")
-    return medians, ratios
+              f"(of minima: {minima[f'{a}/{b}']:.3f})")
+    return medians, ratios, {
+        "median_ms": {n: 1e3 * m for n, m in medians.items()},
+        "min_ms": {n: 1e3 * min(t) for n, t in times.items()},
+        "n": {n: len(t) for n, t in times.items()},
+        "ratios": {f"{a}/{b}": r for (a, b), r in ratios.items()},
+        "ratios_of_minima": minima}
 
 
 def bytes_floor(num_params, itemsize=4, steps=None):
@@ -111,9 +121,9 @@ def bench_update(args):
         print(f"  {name:>6}: {floors[name] / 1e6:7.1f} / "
               f"{two_pass[name] / 1e6:7.1f}")
 
-    results = {}
+    results, summary = {}, {"variables": len(variables), "parameters": params}
     for jit in args.jit:
-        candidates = {}
+        candidates, first = {}, {}
         for name, make in _optimizers(args.steps).items():
             optimizer = make()
             optimizer.build(variables)
@@ -122,52 +132,77 @@ def bench_update(args):
                                jit_compile=jit)
             start = time.perf_counter()
             step()
+            first[name] = time.perf_counter() - start
             print(f"  jit={jit} {name}: trace+compile+first call "
-                  f"{time.perf_counter() - start:.1f} s")
+                  f"{first[name]:.1f} s")
             candidates[name] = step
         times = _time_interleaved(candidates, args.repeats, args.inner)
-        medians, ratios = _report(
+        medians, ratios, summary[f"jit={jit}"] = _report(
             times, [("CLARS", "SGD"), ("LARS", "SGD"), ("CLARS", "LARS")],
             f"jit={str(jit):5} ")
+        summary[f"jit={jit}"]["first_call_s"] = first
         for name, m in medians.items():
             print(f"  jit={str(jit):5} {name:>18}: {floors[name] / m / 1e9:.2f}"
                   " GB/s of the 1-pass floor")
         results[jit] = ratios
-    return results
+    return results, summary
 
 
 def bench_norms(args):
-    """XLA:CPU: 214 flat sum-of-squares vs a (-1, 8) column reduction."""
+    """The update's 214 weight norms alone, three ways, jit off and on.
+
+    `l2_loss`: what the update computes (`keras_clars._tensorflow
+    .squared_norms`). `(-1,8) columns`: 8 interleaved partial sums first.
+    `dot`: x . x, one dot-product kernel per tensor (a matrix-unit product
+    on accelerators, where float32 may run at reduced precision: TF32).
+    The variables are read inside the function, as in the update (XLA
+    gets them as parameters, not constants).
+    """
     import tensorflow as tf
-    from keras import ops
+
+    from keras_clars import _tensorflow
 
     model = keras.applications.ResNet50(weights=None)
-    tensors = [tf.constant(v) for v in model.trainable_variables]
+    variables = [v.value for v in model.trainable_variables]
 
     def flat():
-        return tf.stack([ops.sum(ops.square(t)) for t in tensors])
+        return [tf.reshape(tf.convert_to_tensor(v), [-1]) for v in variables]
+
+    def l2_loss():
+        return _tensorflow.squared_norms(
+            [tf.convert_to_tensor(v) for v in variables], "float32")
 
     def columns():
         out = []
-        for t in tensors:
-            x = ops.square(ops.reshape(t, (-1,)))
+        for x in flat():
+            x = tf.square(x)
             if x.shape[0] % 8 == 0 and x.shape[0] >= 64:
-                # 8 interleaved partial sums: a column reduction XLA vectorizes.
-                x = ops.sum(ops.reshape(x, (-1, 8)), axis=0)
-            out.append(ops.sum(x))
+                x = tf.reduce_sum(tf.reshape(x, (-1, 8)), axis=0)
+            out.append(tf.reduce_sum(x))
         return tf.stack(out)
+
+    def dot():
+        return tf.stack([tf.tensordot(x, x, 1) for x in flat()])
 
     candidates = {}
     for jit in args.jit:
-        for name, fn in (("flat", flat), ("(-1,8) columns", columns)):
+        for name, fn in (("l2_loss", l2_loss), ("(-1,8) columns", columns),
+                         ("dot", dot)):
             candidates[f"{name} jit={jit}"] = tf.function(fn, jit_compile=jit)
     values = {k: f().numpy() for k, f in candidates.items()}
     first = next(iter(values.values()))
+    differences = {}
     for k, v in values.items():
-        print(f"  norms {k}: max relative difference "
-              f"{np.max(np.abs(v - first) / np.maximum(first, 1e-30)):.1e}")
+        differences[k] = float(np.max(np.abs(v - first) / np.maximum(first, 1e-30)))
+        print(f"  norms {k}: max relative difference {differences[k]:.1e}")
     times = _time_interleaved(candidates, args.repeats, args.inner)
-    _report(times, [], "norms ")
+    pairs = [(f"{name} jit={jit}", f"l2_loss jit={jit}") for jit in args.jit
+             for name in ("(-1,8) columns", "dot")]
+    if len(args.jit) == 2:
+        pairs.append(("l2_loss jit=True", "l2_loss jit=False"))
+    _, _, summary = _report(times, pairs, "norms ")
+    summary["max_relative_difference"] = differences
+    return summary
 
 
 def bench_trace(args):
@@ -210,11 +245,13 @@ def bench_train(args):
     print(f"Full training step: ResNet50 at {size}x{size}, batch {batch}, "
           f"jit_compile={args.train_jit}")
     times = _time_interleaved(candidates, args.repeats, args.train_inner)
-    _, ratios = _report(times, [("CLARS", "SGD")], "train ")
-    return ratios
+    _, ratios, summary = _report(times, [("CLARS", "SGD")], "train ")
+    summary.update(image_size=size, batch=batch, jit_compile=args.train_jit)
+    return ratios, summary
 
 
-def main(argv=None):
+def arguments():
+    """The command line (the suite's test parses its plan with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default="update,train",
                         help="comma-separated: update, train, and the "
@@ -234,7 +271,13 @@ def main(argv=None):
                         help="training steps per timed sample")
     parser.add_argument("--train_jit", action="store_true",
                         help="jit_compile=True for the training step")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None,
+                        help="a JSON record of the results (default: none)")
+    return parser
+
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
     args.jit = [{"off": False, "on": True}[j] for j in args.jit.split(",")]
     parts = args.parts.split(",")
 
@@ -243,18 +286,21 @@ def main(argv=None):
     print(f"python {sys.version.split()[0]}, tensorflow {tf.__version__}, "
           f"keras {keras.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
+    record = records.start("python -m benchmarks.optimizer_step " + " ".join(
+        sys.argv[1:] if argv is None else argv))
     ratios = {}
     if "update" in parts:
-        for jit, r in bench_update(args).items():
+        by_jit, record["update"] = bench_update(args)
+        for jit, r in by_jit.items():
             ratios[f"jit={jit} CLARS/SGD"] = (r[("CLARS", "SGD")], "CLARS/SGD")
             ratios[f"jit={jit} CLARS/LARS"] = (r[("CLARS", "LARS")],
                                                "CLARS/LARS")
     if "norms" in parts:
-        bench_norms(args)
+        record["norms"] = bench_norms(args)
     if "trace" in parts:
         bench_trace(args)
     if "train" in parts:
-        r = bench_train(args)
+        r, record["train"] = bench_train(args)
         ratios["train CLARS/SGD"] = (r[("CLARS", "SGD")], "train CLARS/SGD")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
     print("Against the targets:")
@@ -262,6 +308,9 @@ def main(argv=None):
         verdict = "met" if value <= TARGETS[target] else "MISSED"
         print(f"  {label:>22}: {value:.3f} (target <= {TARGETS[target]}) "
               f"{verdict}")
+    if args.out:
+        record["targets"] = TARGETS
+        records.write(args.out, record)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ traced `--traces` times (a new `tf.function` each time), interleaved with
 the others (`benchmarks.timing`), after one untimed warm-up round, and the
 medians of wall and CPU time are reported, with the ratio to SGD's: on a
 shared machine the CPU time is the steadier of the two. The update time is
-the median of `--repeats` interleaved calls of the last traced update. `--steps k` traces the update with
-gradient accumulation (for SGD too).
+the median of `--repeats` interleaved calls of the last traced update.
+`--steps k` traces the update with gradient accumulation (for SGD too).
+`--out PATH` writes the medians and ratios as a JSON record.
 """
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -22,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import records, timing  # noqa: E402
 from keras_clars import CLARS, LARS  # noqa: E402
 
 MODELS = {"densenet121": keras.applications.DenseNet121,
@@ -39,14 +41,23 @@ def tracer(optimizers, name, grads, variables, traced):
     return trace
 
 
-def main(argv=None):
+def arguments():
+    """The command line (the suite's test parses its plan with it)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(MODELS), default="densenet121")
     parser.add_argument("--traces", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None,
                         help="gradient accumulation steps k (default: none)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None,
+                        help="a JSON record of the results (default: none)")
+    return parser
+
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
+    record = records.start("python -m benchmarks.trace_update " + " ".join(
+        sys.argv[1:] if argv is None else argv))
     model = MODELS[args.model](weights=None, input_shape=(32, 32, 3), classes=10)
     variables = model.trainable_variables
     rng = np.random.default_rng(0)
@@ -69,11 +80,23 @@ def main(argv=None):
         args.traces)
     updates = timing.interleaved(traced, args.repeats)
     wall0, cpu0 = timing.median(traces["SGD"]), timing.median(traces.cpu["SGD"])
+    update0 = timing.median(updates["SGD"])
+    results = {}
     for name in optimizers:
         wall, cpu = timing.median(traces[name]), timing.median(traces.cpu[name])
+        update = timing.median(updates[name])
         print(f"{name:>6}: trace {wall:5.2f} s wall ({wall / wall0:.2f}x"
               f" SGD), {cpu:5.2f} s CPU ({cpu / cpu0:.2f}x SGD); "
-              f"update median {1000 * timing.median(updates[name]):6.1f} ms")
+              f"update median {1000 * update:6.1f} ms")
+        results[name] = {
+            "trace_wall_s": wall, "trace_cpu_s": cpu, "update_ms": 1e3 * update,
+            "trace_wall/SGD": wall / wall0, "trace_cpu/SGD": cpu / cpu0,
+            "update/SGD": update / update0}
+    if args.out:
+        record.update(model=args.model, variables=len(variables),
+                      k=args.steps or 1, traces=args.traces,
+                      repeats=args.repeats, optimizers=results)
+        records.write(args.out, record)
 
 
 if __name__ == "__main__":

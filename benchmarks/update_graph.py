@@ -8,11 +8,14 @@ no run) for five settings, and prints the number of ops in the graph,
 versions of the package that print the same lines build the same update,
 op for op, whatever the load on the machine; run it in a checkout of each
 (e.g. `git archive <commit> | tar -x -C <dir>`, then run it there).
+`--out PATH` writes the counts and digests as a JSON record.
 """
 
+import argparse
 import collections
 import hashlib
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,6 +23,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_clars  # noqa: E402
+from benchmarks import records  # noqa: E402
 from keras_clars import CLARS, LARS  # noqa: E402
 
 SETTINGS = {
@@ -43,7 +47,14 @@ def op_types(graph):
     return types
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None,
+                        help="a JSON record of the counts (default: none)")
+    args = parser.parse_args(argv)
+    record = records.start("python -m benchmarks.update_graph " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    record["settings"] = {}
     model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3),
                                         classes=10)
     variables = model.trainable_variables
@@ -59,6 +70,10 @@ def main():
         digest = hashlib.sha256(str(sorted(types.items())).encode())
         print(f"{name:>22}: {sum(types.values())} ops (with cond branches), "
               f"types digest {digest.hexdigest()[:12]}")
+        record["settings"][name] = {"ops": sum(types.values()),
+                                    "types_digest": digest.hexdigest()[:12]}
+    if args.out:
+        records.write(args.out, record)
 
 
 if __name__ == "__main__":
