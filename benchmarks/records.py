@@ -31,8 +31,10 @@ def git(*args):
 
 def commit():
     """{"commit": HEAD, "uncommitted": paths changed under keras_clars/ or
-    benchmarks/} (an empty list: the commit is the code that ran)."""
-    changed = git("status", "--porcelain", "--", "keras_clars", "benchmarks")
+    benchmarks/, records aside} (an empty list: the commit is the code that
+    ran)."""
+    changed = git("status", "--porcelain", "--", "keras_clars", "benchmarks",
+                  ":!benchmarks/results")
     return {"commit": git("rev-parse", "HEAD") or None,
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
