@@ -24,7 +24,7 @@ def git(*args):
     """The output of `git args` in the repository, or "" if git fails."""
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=20).stdout.strip()
+                              text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -35,7 +35,7 @@ def commit():
     ran)."""
     changed = git("status", "--porcelain", "--", "keras_clars", "benchmarks",
                   ":!benchmarks/results")
-    return {"commit": git("rev-parse", "HEAD") or None,
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
