@@ -28,7 +28,6 @@ test_device_check.py runs it. Budget on one H200: under 8 minutes
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -162,8 +161,7 @@ def main(argv=None):
     batch = args.batch or (8 if args.cpu else 64)
     rounds = args.rounds or (2 if args.cpu else 10)
     started = time.perf_counter()
-    record = records.start("python -m benchmarks.device_check " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    record = records.start("benchmarks.device_check", argv)
     record["environment"].update(jax=jax.__version__,
                                  devices=[str(d) for d in jax.devices()])
     record["cpu_size"] = args.cpu

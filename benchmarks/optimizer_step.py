@@ -286,8 +286,7 @@ def main(argv=None):
     print(f"python {sys.version.split()[0]}, tensorflow {tf.__version__}, "
           f"keras {keras.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
-    record = records.start("python -m benchmarks.optimizer_step " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    record = records.start("benchmarks.optimizer_step", argv)
     ratios = {}
     if "update" in parts:
         by_jit, record["update"] = bench_update(args)

@@ -274,8 +274,7 @@ def main(argv=None):
         cases.append(("resnet20", 128, args.rounds or (3 if args.quick else 7), 2))
     if "resnet50" in parts and not args.quick:
         cases.append(("resnet50", 32, args.rounds or 3, 1))
-    record = records.start("python -m benchmarks.per_example_cost " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    record = records.start("benchmarks.per_example_cost", argv)
     record["models"] = {}
     print(f"per-example norms vs plain CLARS on {keras.backend.backend()}; "
           f"load average {os.getloadavg()}")

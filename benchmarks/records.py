@@ -1,6 +1,6 @@
 """The benchmarks' JSON records: what ran, where, under what load.
 
-    record = records.start("python -m benchmarks.trace_update --out ...")
+    record = records.start("benchmarks.trace_update", argv)
     ...                                      # fill in the measurements
     records.write(path, record)              # adds the load at the end
 
@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,12 +40,14 @@ def commit():
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
-def start(command):
-    """A new record for `command`: date, code, environment, load now."""
+def start(module, argv=None):
+    """A new record of `python -m module argv` (argv None: this process's
+    arguments): date, code, environment, load now."""
     import keras
 
+    argv = sys.argv[1:] if argv is None else argv
     return {
-        "command": command,
+        "command": " ".join(["python", "-m", module] + list(argv)),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         **commit(),
         "environment": {

@@ -16,7 +16,6 @@ the median of `--repeats` interleaved calls of the last traced update.
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -56,8 +55,7 @@ def arguments():
 
 def main(argv=None):
     args = arguments().parse_args(argv)
-    record = records.start("python -m benchmarks.trace_update " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    record = records.start("benchmarks.trace_update", argv)
     model = MODELS[args.model](weights=None, input_shape=(32, 32, 3), classes=10)
     variables = model.trainable_variables
     rng = np.random.default_rng(0)

@@ -15,7 +15,6 @@ import argparse
 import collections
 import hashlib
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -52,8 +51,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None,
                         help="a JSON record of the counts (default: none)")
     args = parser.parse_args(argv)
-    record = records.start("python -m benchmarks.update_graph " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    record = records.start("benchmarks.update_graph", argv)
     record["settings"] = {}
     model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3),
                                         classes=10)

@@ -19,7 +19,6 @@ import argparse
 import collections
 import os
 import re
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -94,8 +93,7 @@ def main(argv=None):
     import keras
     import numpy as np
 
-    record = records.start("python -m benchmarks.update_hlo " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    record = records.start("benchmarks.update_hlo", argv)
     model = keras.applications.ResNet50(weights=None)
     variables = model.trainable_variables
     rng = np.random.default_rng(0)
