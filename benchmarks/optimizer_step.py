@@ -155,6 +155,9 @@ def bench_norms(args):
     .squared_norms`). `(-1,8) columns`: 8 interleaved partial sums first.
     `dot`: x . x, one dot-product kernel per tensor (a matrix-unit product
     on accelerators, where float32 may run at reduced precision: TF32).
+    `blocked dot`: x as rows of up to 1024 (the largest power of two that
+    divides its size), a dot product per row, then their sum: shorter
+    float32 accumulations than one long dot product.
     The variables are read inside the function, as in the update (XLA
     gets them as parameters, not constants).
     """
@@ -184,10 +187,18 @@ def bench_norms(args):
     def dot():
         return tf.stack([tf.tensordot(x, x, 1) for x in flat()])
 
+    def blocked_dot():
+        out = []
+        for x in flat():
+            n = int(x.shape[0])
+            rows = tf.reshape(x, (-1, min(n & -n, 1024)))
+            out.append(tf.reduce_sum(tf.einsum("ij,ij->i", rows, rows)))
+        return tf.stack(out)
+
     candidates = {}
     for jit in args.jit:
         for name, fn in (("l2_loss", l2_loss), ("(-1,8) columns", columns),
-                         ("dot", dot)):
+                         ("dot", dot), ("blocked dot", blocked_dot)):
             candidates[f"{name} jit={jit}"] = tf.function(fn, jit_compile=jit)
     values = {k: f().numpy() for k, f in candidates.items()}
     first = next(iter(values.values()))
@@ -197,7 +208,7 @@ def bench_norms(args):
         print(f"  norms {k}: max relative difference {differences[k]:.1e}")
     times = _time_interleaved(candidates, args.repeats, args.inner)
     pairs = [(f"{name} jit={jit}", f"l2_loss jit={jit}") for jit in args.jit
-             for name in ("(-1,8) columns", "dot")]
+             for name in ("(-1,8) columns", "dot", "blocked dot")]
     if len(args.jit) == 2:
         pairs.append(("l2_loss jit=True", "l2_loss jit=False"))
     _, _, summary = _report(times, pairs, "norms ")

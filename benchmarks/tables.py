@@ -128,12 +128,13 @@ def norms(results):
     if not record or "norms" not in record:
         return ["The norms alone: not measured in this run."]
     n = record["norms"]
-    lines = ["| the 214 weight norms alone | median | / l2_loss, same jit |",
-             "|---|---|---|"]
+    lines = ["| the 214 weight norms alone | median | / l2_loss, same jit | "
+             "largest relative difference from the first row |", "|---|---|---|---|"]
     ratios = n["ratios"]
     for name, ms in n["median_ms"].items():
         ratio = ratios.get(f"{name}/l2_loss {name.split()[-1]}", 1.0)
-        lines.append(f"| {name} | {ms:.1f} ms | {ratio:.2f} |")
+        lines.append(f"| {name} | {ms:.1f} ms | {ratio:.2f} | "
+                     f"{n['max_relative_difference'][name]:.1e} |")
     both = ratios.get("l2_loss jit=True/l2_loss jit=False")
     if both is not None:
         lines.append("")
