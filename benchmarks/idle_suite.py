@@ -32,6 +32,7 @@ load averages in suite.json before quoting any number.
 import argparse
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -96,20 +97,22 @@ def run_part(name, backend, args, record_path, timeout):
     if os.path.exists(record_path):
         os.remove(record_path)  # a stale record must not pass for this run's
     wall, cpu = time.perf_counter(), _cpu_seconds_of_children()
+    # Its own process group: on timeout, the part's own children go too.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     try:
-        result = subprocess.run(command, env=env, capture_output=True,
-                                text=True, timeout=timeout)
-        entry["returncode"] = result.returncode
-        output = result.stdout + result.stderr
-    except subprocess.TimeoutExpired as expired:
+        output, _ = process.communicate(timeout=timeout)
+        entry["returncode"] = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
         entry["returncode"] = None
         entry["timed_out_after_s"] = timeout
-        output = "".join(
-            o.decode() if isinstance(o, bytes) else (o or "")
-            for o in (expired.stdout, expired.stderr))
     entry["wall_s"] = time.perf_counter() - wall
     entry["cpu_s"] = _cpu_seconds_of_children() - cpu
     entry["load_average_after"] = os.getloadavg()
+    # A record cut short (a timeout, a failed model) is kept, not "ok".
     entry["ok"] = entry["returncode"] == 0 and os.path.exists(record_path)
     entry["output_tail"] = output[-2500:]
     return entry

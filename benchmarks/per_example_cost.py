@@ -286,8 +286,14 @@ def main(argv=None):
         # Time: both variants in one process, steps interleaved; plain
         # CLARS's memory and first step there, before the per-example
         # model is built. The per-example model's: alone in a process.
-        both = run_child(model, "both", batch, steps, warmup)
-        alone = run_child(model, "per_example", batch, 0, warmup)
+        try:
+            both = run_child(model, "both", batch, steps, warmup)
+            alone = run_child(model, "per_example", batch, 0, warmup)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            # Keep the other models' rows; say what failed.
+            record.setdefault("failed", {})[model] = str(error)[-3000:]
+            print(f"{model} failed:\n{str(error)[-3000:]}", flush=True)
+            continue
         plain, wrapped = dict(both["alone"]), dict(alone["alone"])
         plain["first_step_s"] = both["first_step_s"]["clars"]
         wrapped["first_step_s"] = alone["first_step_s"]["per_example"]
@@ -311,6 +317,7 @@ def main(argv=None):
         entry["layers"] = plan
         entry["targets_met"] = not missed
         record["models"][model] = entry
+        records.write(args.out, record)  # kept if a later model is cut short
         lines.append(
             f"{model:<9} {batch:>5} {plain['step_s']:>9.3f} {wrapped['step_s']:>9.3f} "
             f"{ratios['time']:>7.2f} {plain['peak_rss_mb']:>9.0f} "
@@ -346,6 +353,8 @@ def main(argv=None):
         print(f"  {acc_line}; CLARS/LARS {acc['CLARS/LARS']:.3f} "
               f"(target <= {ACCUMULATION_TARGET}), CLARS/SGD {acc['CLARS/SGD']:.3f}")
     records.write(args.out, record)
+    if record.get("failed"):
+        raise SystemExit(f"failed: {sorted(record['failed'])}")
     print("markdown tables: python -m benchmarks.tables " + args.out)
 
 if __name__ == "__main__":

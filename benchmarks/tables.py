@@ -175,21 +175,21 @@ def trace(results, suite):
 
 
 def hlo(paths):
-    lines = ["| backend | optimizer | kernels | loop fusions | reduce | "
-             "reduce-window | fusions by source op |", "|---|---|---|---|---|---|---|"]
+    lines = ["| backend | commit | optimizer | kernels | loop fusions | reduce | "
+             "reduce-window | fusions by source op |", "|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             record = json.load(f)
         for name, c in record["optimizers"].items():
             sources = ", ".join(f"{k} {v}" for k, v in c["fusions_by_source_op"].items()
                                 if k != "(none)") or "-"
-            lines.append(f"| {record['environment']['backend']} | {name} | "
+            lines.append(f"| {record['environment']['backend']} | "
+                         f"{record['commit'][:7]} | {name} | "
                          f"{c['kernels']} | {c['fusions_by_kind'].get('kLoop', 0)} | "
                          f"{c['reduce']} | {c['reduce_window']} | {sources} |")
-    commits = sorted({json.load(open(p))["commit"][:7] for p in paths})
     lines.append("")
-    lines.append(f"(`python -m benchmarks.update_hlo`, commit {', '.join(commits)}; "
-                 "counts, not timings: the load does not move them.)")
+    lines.append("(`python -m benchmarks.update_hlo`; counts, not timings: the "
+                 "load does not move them.)")
     return lines
 
 
