@@ -8,9 +8,10 @@
 Runs each benchmark below as its own process, one after the other, each
 writing its JSON record into --results (default benchmarks/results/idle/),
 and writes `suite.json` there after every part: the commit, `uptime` before
-the first part and after the last, and per part its command, exit status,
-wall and CPU seconds, load average before and after, and the tail of its
-output. A part that fails or runs out of time is recorded as such and the
+the first part and after the last, and per part its command, commit, exit
+status, wall and CPU seconds, load average before and after, and the tail
+of its output. With --parts, the other parts' entries in suite.json are
+kept (a part cut short can be rerun alone in a second idle window). A part that fails or runs out of time is recorded as such and the
 next one runs; the run stops starting parts once --budget seconds are used.
 
 The parts (docs/performance.md says what each measures, and its targets):
@@ -30,6 +31,7 @@ load averages in suite.json before quoting any number.
 """
 
 import argparse
+import json
 import os
 import resource
 import signal
@@ -145,12 +147,17 @@ def main(argv=None):
             print(f"{name}: KERAS_BACKEND={backend} python -m {' '.join(part_args)}")
         return
     os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, "suite.json")
+    # A run of some parts (--parts) keeps the other parts' entries.
+    kept = {}
+    if args.parts and os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)["parts"]
     suite = {"command": "python -m benchmarks.idle_suite " + " ".join(
                  sys.argv[1:] if argv is None else argv),
              "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
              **records.commit(), "uptime_before": uptime(),
-             "budget_s": args.budget, "parts": {}}
-    path = os.path.join(args.results, "suite.json")
+             "budget_s": args.budget, "parts": kept}
     started = time.perf_counter()
     print(f"{suite['commit']}: {suite['uptime_before']}", flush=True)
     for name, backend, part_args, record_path in parts:
@@ -160,6 +167,7 @@ def main(argv=None):
             print(f"{name}: skipped, the budget is used", flush=True)
             continue
         entry = run_part(name, backend, part_args, record_path, left)
+        entry.update(records.commit(), date_utc=suite["date_utc"])
         suite["parts"][name] = entry
         print(f"{name}: {'ok' if entry['ok'] else 'FAILED'} in "
               f"{entry['wall_s']:.0f} s wall, {entry['cpu_s']:.0f} s CPU; load "

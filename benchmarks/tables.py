@@ -45,13 +45,17 @@ def header(suite):
     lines.append(f"`uptime` before: `{suite['uptime_before']}`; after: "
                  f"`{suite.get('uptime_after', '?')}`.")
     lines.append("")
-    lines.append("| part | status | wall | load average (1 min) before-after |")
-    lines.append("|---|---|---|---|")
+    lines.append("| part | status | commit | run | wall | load average (1 min) "
+                 "before-after |")
+    lines.append("|---|---|---|---|---|---|")
     for name, entry in suite["parts"].items():
         status = ("ok" if entry.get("ok") else entry.get("skipped")
                   or f"FAILED (exit {entry.get('returncode')})")
         wall = f"{entry['wall_s']:.0f} s" if "wall_s" in entry else "-"
-        lines.append(f"| {name} | {status} | {wall} | {_load(suite, name)} |")
+        commit = (entry.get("commit") or "-")[:7] + (
+            " (uncommitted changes)" if entry.get("uncommitted") else "")
+        lines.append(f"| {name} | {status} | {commit} | {entry.get('date_utc', '-')} "
+                     f"| {wall} | {_load(suite, name)} |")
     return lines
 
 

@@ -62,6 +62,6 @@ def test_tables_derive_the_verdicts_from_the_records(tmp_path, capsys):
     assert "| tensorflow | on (XLA) | not measured" in out
     assert "| jax | on (XLA) | not measured" in out
     assert "| update_jax | FAILED (exit 1) |" in out
-    assert "| per_example_jax | budget used (720 s) |" in out
+    assert "| per_example_jax | budget used (720 s) | - |" in out
     assert "Not measured in this run: per-example cost on ['jax']" in out
     assert "Tracing: not measured in this run." in out
