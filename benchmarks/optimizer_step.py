@@ -149,15 +149,16 @@ def bench_update(args):
 
 
 def bench_norms(args):
-    """The update's 214 weight norms alone, three ways, jit off and on.
+    """The update's 214 weight norms alone, four ways, jit off and on.
 
-    `l2_loss`: what the update computes (`keras_clars._tensorflow
-    .squared_norms`). `(-1,8) columns`: 8 interleaved partial sums first.
+    `l2_loss`: what the update computes without XLA (`keras_clars
+    ._tensorflow.squared_norms`), and computed before under XLA too.
+    `(-1,8) columns`: 8 interleaved partial sums first.
     `dot`: x . x, one dot-product kernel per tensor (a matrix-unit product
     on accelerators, where float32 may run at reduced precision: TF32).
-    `blocked dot`: x as rows of up to 1024 (the largest power of two that
-    divides its size), a dot product per row, then their sum: shorter
-    float32 accumulations than one long dot product.
+    `blocked dot`: `keras_clars._tensorflow._blocked_dot`, what the update
+    computes under XLA on a CPU: rows of up to 1024, a dot product per row,
+    then their sum.
     The variables are read inside the function, as in the update (XLA
     gets them as parameters, not constants).
     """
@@ -171,9 +172,8 @@ def bench_norms(args):
     def flat():
         return [tf.reshape(tf.convert_to_tensor(v), [-1]) for v in variables]
 
-    def l2_loss():
-        return _tensorflow.squared_norms(
-            [tf.convert_to_tensor(v) for v in variables], "float32")
+    def l2_loss():  # squared_norms without XLA, under XLA too
+        return 2.0 * tf.stack([tf.nn.l2_loss(x) for x in flat()])
 
     def columns():
         out = []
@@ -187,13 +187,8 @@ def bench_norms(args):
     def dot():
         return tf.stack([tf.tensordot(x, x, 1) for x in flat()])
 
-    def blocked_dot():
-        out = []
-        for x in flat():
-            n = int(x.shape[0])
-            rows = tf.reshape(x, (-1, min(n & -n, 1024)))
-            out.append(tf.reduce_sum(tf.einsum("ij,ij->i", rows, rows)))
-        return tf.stack(out)
+    def blocked_dot():  # what the update takes under XLA on a CPU
+        return tf.stack([_tensorflow._blocked_dot(x) for x in flat()])
 
     candidates = {}
     for jit in args.jit:
