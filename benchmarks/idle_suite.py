@@ -22,6 +22,8 @@ The parts (docs/performance.md says what each measures, and its targets):
 - `update_jax`: the same update under `jax.jit` (`device_check --parts
   update` at full size on the CPU).
 - `trace_update`: tracing one update, DenseNet-121 (issue 18's check).
+- `noise_scale_cost`: CLARS training with the gradient noise scale on and
+  logged every 10 updates against without (issue 17).
 - `per_example_tensorflow`, `per_example_jax`: per-example norms against a
   CLARS step, ResNet-20 at 32 px batch 128 and ResNet-50 at 224 px batch
   32: time, peak memory, first step (issue 20).
@@ -65,6 +67,8 @@ def plan(results, rounds=None):
          ["benchmarks.trace_update", "--model", "densenet121",
           "--traces", repeats(3), "--repeats", repeats(5)]),
     ]
+    parts.append(("noise_scale_cost", "tensorflow",
+                  ["benchmarks.noise_scale_cost", "--pairs", repeats(5)]))
     for backend in ("tensorflow", "jax"):
         parts.append((f"per_example_{backend}", backend,
                       ["benchmarks.per_example_cost", "--parts",

@@ -17,13 +17,13 @@ the averages, and the logging.
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 
-from benchmarks import timing
+from benchmarks import records, timing
 
 
-def parse_args(argv):
+def arguments():
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=8, help="ResNet-20 width")
     parser.add_argument("--batch", type=int, default=256, help="global batch B")
@@ -34,6 +34,11 @@ def parse_args(argv):
     parser.add_argument("--updates", type=int, default=20, help="updates per chunk")
     parser.add_argument("--pairs", type=int, default=5, help="timed chunk pairs")
     parser.add_argument("--out", help="also write the result to this JSON file")
+    return parser
+
+
+def parse_args(argv):
+    parser = arguments()
     args = parser.parse_args(argv)
     for name in ("width", "batch", "micro_batch", "interval", "updates", "pairs"):
         if getattr(args, name) < 1:
@@ -47,6 +52,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    record = records.start("benchmarks.noise_scale_cost", argv)
 
     import keras
 
@@ -84,7 +90,7 @@ def main(argv=None):
                                args.pairs)
     ratio = timing.ratio
     result = {
-        "backend": keras.backend.backend(),
+        **record,
         "model": f"resnet20 width {args.width}, 28x28",
         "variables": len(on.trainable_variables),
         "batch": args.batch, "micro_batch": args.micro_batch, "samples": k,
@@ -97,23 +103,11 @@ def main(argv=None):
         "cpu_ratio": ratio(times.cpu, "on", "off"),
         "pair_cpu_ratios": [a / b for a, b in zip(times.cpu["on"], times.cpu["off"])],
         "b_simple": on.optimizer.gradient_noise_scale()["b_simple"],
-        "load_average": os.getloadavg(),
-        "cpu_count": os.cpu_count(),
-        "commit": _commit(),
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        records.write(args.out, result)
     return result
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

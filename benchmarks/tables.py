@@ -178,6 +178,21 @@ def trace(results, suite):
     return lines
 
 
+def noise_scale(results, suite):
+    record = _read(results, "noise_scale_cost")
+    if record is None:
+        return ["The noise scale's cost: not measured in this run."]
+    return [f"{record['model']}, CLARS, B = {record['batch']} as S = "
+            f"{record['samples']} micro-batches of {record['micro_batch']}, chunks "
+            f"of {record['updates_per_chunk']} updates, {record['pairs']} pairs; "
+            f"load {_load(suite, 'noise_scale_cost')}:", "",
+            "| noise scale off | on, logged every "
+            f"{record['interval']} updates | wall ratio (<= 1.02) | CPU ratio |",
+            "|---|---|---|---|",
+            f"| {record['median_chunk_off_s']:.2f} s | {record['median_chunk_on_s']:.2f} s"
+            f" | {verdict(record['ratio'], 1.02)} | {record['cpu_ratio']:.3f} |"]
+
+
 def hlo(paths):
     lines = ["| backend | commit | optimizer | kernels | loop fusions | reduce | "
              "reduce-window | fusions by source op |", "|---|---|---|---|---|---|---|---|"]
@@ -213,7 +228,9 @@ def main(argv=None):
                      ("One update, ResNet-50", update(args.results, suite)),
                      ("The norms alone (TensorFlow)", norms(args.results)),
                      ("The training step (TensorFlow)", train(args.results)),
-                     ("Tracing one update (TensorFlow)", trace(args.results, suite))]
+                     ("Tracing one update (TensorFlow)", trace(args.results, suite)),
+                     ("The gradient noise scale (issue 17)",
+                      noise_scale(args.results, suite))]
     else:
         print(f"No {suite_path}: run `python -m benchmarks.idle_suite` first.")
     if args.hlo:

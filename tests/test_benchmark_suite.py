@@ -16,7 +16,7 @@ from benchmarks.per_example_cost import TARGET
 def test_every_command_of_the_plan_parses(tmp_path):
     parts = idle_suite.plan(str(tmp_path))
     assert [p[0] for p in parts] == [
-        "optimizer_step", "update_jax", "trace_update",
+        "optimizer_step", "update_jax", "trace_update", "noise_scale_cost",
         "per_example_tensorflow", "per_example_jax"]
     for name, backend, args, record in parts:
         module = importlib.import_module(args[0])
