@@ -30,10 +30,8 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
-from benchmarks import records  # noqa: E402
-from benchmarks.timing import interleaved  # noqa: E402
+from benchmarks import records
+from benchmarks.timing import interleaved
 
 
 def _model(cpu):
@@ -152,6 +150,10 @@ def arguments():
 def main(argv=None):
     args = arguments().parse_args(argv)
     parts = args.parts.split(",")
+    # JAX unless told otherwise, before Keras is imported (here, not at
+    # import: a test that imports this module must not change the backend
+    # of the processes it starts later).
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     import jax
     import keras
 

@@ -14,6 +14,7 @@ from benchmarks.per_example_cost import TARGET
 
 
 def test_every_command_of_the_plan_parses(tmp_path):
+    backend_before = os.environ.get("KERAS_BACKEND")
     parts = idle_suite.plan(str(tmp_path))
     assert [p[0] for p in parts] == [
         "optimizer_step", "update_jax", "trace_update", "noise_scale_cost",
@@ -22,6 +23,8 @@ def test_every_command_of_the_plan_parses(tmp_path):
         module = importlib.import_module(args[0])
         parsed = module.arguments().parse_args(args[1:])
         assert parsed.out == record == os.path.join(str(tmp_path), name + ".json")
+    # Importing the benchmarks leaves the backend of later processes alone.
+    assert os.environ.get("KERAS_BACKEND") == backend_before
     smoke = {name: args for name, _, args, _ in idle_suite.plan("r", rounds=1)}
     assert smoke["per_example_jax"][-4:-2] == ["--rounds", "1"]
 
