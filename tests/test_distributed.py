@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import distributed_worker as worker
-from test_noise_scale import reference as noise_reference
+from numpy_reference import noise_reference
 
 KEYS = [f"{name}_k{steps or 1}" for name, steps in worker.CONFIGS]
 TOLERANCE = dict(rtol=1e-5, atol=2e-6)  # float32 arithmetic vs float64

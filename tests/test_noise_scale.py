@@ -16,6 +16,7 @@ import keras
 import keras_clars
 from keras_clars import _noise_scale
 import per_example_models as models
+from numpy_reference import noise_reference as reference, slices
 
 N = 32  # examples in the update
 TOLERANCE = dict(rtol=2e-4, atol=1e-7)
@@ -33,27 +34,6 @@ def per_example_gradients(model, x, y):
         out.append([np.asarray(g, np.float64) for g in
                     tape.gradient(loss, model.trainable_variables)])
     return out
-
-
-def slices(per_example, b):
-    """The samples of b consecutive examples: the mean of their gradients."""
-    return [[np.mean(layer, axis=0) for layer in zip(*per_example[j:j + b])]
-            for j in range(0, len(per_example), b)]
-
-
-def reference(samples, b):
-    """Per layer (m2, G2, S, b, |G|^2 estimate, tr(Sigma) estimate) of the
-    update made of `samples` (each [layers] gradients) of b examples."""
-    s = len(samples)
-    rows = []
-    for layer in range(len(samples[0])):
-        grads = [sample[layer] for sample in samples]
-        m2 = np.mean([np.sum(g**2) for g in grads])
-        g2 = np.sum(np.mean(grads, axis=0) ** 2)
-        big_b = s * b
-        rows.append((m2, g2, s, b, (big_b * g2 - b * m2) / (big_b - b),
-                     (m2 - g2) / (1 / b - 1 / big_b)))
-    return np.array(rows)
 
 
 def check(optimizer, model, expected):
