@@ -70,6 +70,7 @@ class NoiseScale:
         """Creates the optimizer variables (in `optimizer.build`)."""
         self.optimizer = optimizer
         self.decay = optimizer.noise_scale_decay
+        self.warned = False  # the one-sample warning, given once
         dtype = packed_dtype(variables)
         self.statistics = optimizer.add_variable(
             shape=(len(variables), len(NOISE_STATISTICS)), dtype="float32",
@@ -100,8 +101,8 @@ class NoiseScale:
         steps = self.optimizer.gradient_accumulation_steps
         squared = None if held is None else held["squared"]
         if squared is None and replicas == 1 and not steps:
-            if not getattr(self, "_warned", False):
-                self._warned = True
+            if not self.warned:
+                self.warned = True
                 warnings.warn(ONE_SAMPLE_WARNING.format(name=name), UserWarning,
                               stacklevel=4)
             return None
