@@ -113,6 +113,8 @@ class Config:
     bn_momentum: float = flag(0.9, "BatchNorm momentum (Keras: 0.99); 0.9 keeps the "
                               "statistics current when large batches make epochs only a "
                               "few updates long.")
+    batch_norm: bool = flag(True, "--model=resnet20's BatchNorm layers; --nobatch_norm: "
+                            "none, and biases on the convolutions instead.")
     layer_stats_interval: int = flag(
         0, "clars/lars: log per-layer trust ratios and coherence every N updates to "
         "<model_dir>/layer_statistics.json and TensorBoard <model_dir>/logs/layers (0: "

@@ -24,7 +24,7 @@ MIN_APPLICATION_SIZE = 32
 
 
 def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
-             synchronized=False, depth=20):
+             synchronized=False, depth=20, batch_norm=True):
     """ResNet-20 of He et al. 2016 (section 4.2): three stages of 3x3 blocks.
 
     Args:
@@ -35,6 +35,9 @@ def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
             make an epoch only a few updates long.
         synchronized: use synchronized (cross-replica) BatchNorm.
         depth: 6n + 2 layers; 20 gives n = 3 blocks a stage.
+        batch_norm: False leaves out every BatchNorm layer, and the
+            convolutions get biases instead (the same network otherwise: a
+            plain residual network, for the study's search for warmup).
     """
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"depth must be 6n + 2 with n >= 1; received depth={depth}.")
@@ -42,14 +45,18 @@ def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
         raise ValueError(f"width must be >= 1; received width={width}.")
     blocks = (depth - 2) // 6
 
+    normalize = batch_norm
+
     def batch_norm(x):
+        if not normalize:
+            return x
         return layers.BatchNormalization(
             momentum=bn_momentum, synchronized=synchronized
         )(x)
 
     def conv(x, filters, strides=1):
         return layers.Conv2D(
-            filters, 3, strides=strides, padding="same", use_bias=False,
+            filters, 3, strides=strides, padding="same", use_bias=not normalize,
             kernel_initializer="he_normal",
         )(x)
 
@@ -64,7 +71,8 @@ def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
             y = batch_norm(conv(y, filters))
             if strides != 1 or shortcut.shape[-1] != filters:
                 shortcut = batch_norm(
-                    layers.Conv2D(filters, 1, strides=strides, use_bias=False)(x)
+                    layers.Conv2D(filters, 1, strides=strides,
+                                  use_bias=not normalize)(x)
                 )
             x = layers.Activation("relu")(layers.add([y, shortcut]))
     x = layers.GlobalAveragePooling2D()(x)
@@ -109,7 +117,8 @@ def kerascv_backbone(class_name, input_shape, config=None):
 
 
 def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
-                synchronized_bn=False, kerascv_config=None, depth=20):
+                synchronized_bn=False, kerascv_config=None, depth=20,
+                batch_norm=True):
     """Builds a model by name, with random weights; outputs are logits.
 
     Args:
@@ -121,8 +130,12 @@ def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
         synchronized_bn: cross-replica BatchNorm (not for KerasCV models).
         kerascv_config: the KerasCV backbone's config (dict or JSON).
         depth: `resnet20`'s depth, 6n + 2 (8: ResNet-8).
+        batch_norm: `resnet20` only: False builds it without BatchNorm.
     """
     check_name(name)
+    if not batch_norm and name != "resnet20":
+        raise ValueError("batch_norm=False needs name='resnet20'; received "
+                         f"name={name!r}.")
     if name.startswith(KERASCV_PREFIX):
         backbone = kerascv_backbone(name[len(KERASCV_PREFIX):], input_shape, kerascv_config)
         x = layers.GlobalAveragePooling2D()(backbone.output)
@@ -130,7 +143,7 @@ def build_model(name, input_shape, num_classes, width=16, bn_momentum=0.9,
         return keras.Model(backbone.input, outputs, name=backbone.name)
     if name == "resnet20":
         return resnet20(input_shape, num_classes, width, bn_momentum, synchronized_bn,
-                        depth=depth)
+                        depth=depth, batch_norm=batch_norm)
     if min(input_shape[:2]) < MIN_APPLICATION_SIZE:
         raise ValueError(
             f"{name} needs inputs of at least {MIN_APPLICATION_SIZE}x"

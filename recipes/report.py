@@ -263,6 +263,12 @@ def compare_ranges(a, b):
     return "not decided (a range that never broke is only a lower bound)"
 
 
+def _warmup(curve):
+    if not curve.warmup:
+        return "no"
+    return "yes" if curve.warmup_epochs is None else f"{curve.warmup_epochs:g} epochs"
+
+
 def _protocol(curve):
     return "tied" if curve.excluded is None else f"decoupled (excluded {curve.excluded:g})"
 
@@ -319,7 +325,7 @@ def tuning_table(plan, summary):
         excluded = "= peak lr" if curve.excluded is None else f"{curve.excluded:g}"
         lines.append(
             f"| {name} | {curve.batch_size} | {curve.slice_label} | "
-            f"{'yes' if curve.warmup else 'no'} | {excluded} | {entry['state']} | "
+            f"{_warmup(curve)} | {excluded} | {entry['state']} | "
             f"{' · '.join(cells) or NOT_RUN} | {_high_end(entry)} |"
         )
     return "\n".join(lines) + "\n"
@@ -346,13 +352,13 @@ def finals_table(plan, summary):
         if not s:
             lines.append(
                 f"| {name} | {curve.batch_size} | {curve.layout} | "
-                f"{'yes' if curve.warmup else 'no'} | {chosen} | "
+                f"{_warmup(curve)} | {chosen} | "
                 f"{NOT_RUN} | | | | | | |")
             continue
         coherence = s["coherence"]
         lines.append(
             f"| {name} | {curve.batch_size} | {curve.layout} | "
-            f"{'yes' if curve.warmup else 'no'} | {chosen} | "
+            f"{_warmup(curve)} | {chosen} | "
             f"{', '.join(map(str, s['seeds']))} | {plus_minus(s['final_val'])} | "
             f"{plus_minus(s['best_val'])} | {plus_minus(s['test'])} | {s['diverged']} | "
             f"{'' if coherence is None else f'{coherence[0]:.3f}'} | "
@@ -371,11 +377,15 @@ def _pairs(summary):
             continue
         for other in summary.values():
             o = other["curve"]
-            if not o.warmup and ((o.method, o.batch_size, o.slice_size, o.excluded)
-                                 == (c.method, c.batch_size, c.slice_size, c.excluded)):
+            if not o.warmup and ((o.method, o.batch_size, o.slice_size, o.excluded,
+                                  o.batch_norm)
+                                 == (c.method, c.batch_size, c.slice_size, c.excluded,
+                                     c.batch_norm)):
                 label = f"{c.method.upper()}, B={c.batch_size}"
                 if c.method != "sgd":
                     label += f", {_protocol(c)}"
+                if c.variant:
+                    label += f", {c.variant}"
                 pairs.append((label, entry, other))
     return pairs
 
@@ -544,8 +554,10 @@ def _twin(summary, curve):
     """The tied-protocol curve of a decoupled one, or None."""
     for entry in summary.values():
         c = entry["curve"]
-        if c.excluded is None and (c.method, c.batch_size, c.warmup, c.slice_size) == (
-                curve.method, curve.batch_size, curve.warmup, curve.slice_size):
+        if c.excluded is None and (c.method, c.batch_size, c.warmup, c.slice_size,
+                                   c.warmup_epochs, c.batch_norm) == (
+                curve.method, curve.batch_size, curve.warmup, curve.slice_size,
+                curve.warmup_epochs, curve.batch_norm):
             return entry
     return None
 

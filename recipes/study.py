@@ -133,12 +133,26 @@ class Curve:
     # The decoupled protocol: the peak rate of the variables without a trust
     # ratio, fixed while the ladder moves only the adapted layers' step.
     excluded: float = None
+    # Issue 19's search for warmup: a longer warmup than the plan's (epochs),
+    # and the network without BatchNorm.
+    warmup_epochs: float = None
+    batch_norm: bool = True
 
     @property
     def name(self):
-        return (f"B{self.batch_size}_{self.method}_"
-                f"{'warmup' if self.warmup else 'nowarmup'}_b{self.slice_size}"
-                + ("" if self.excluded is None else f"_x{self.excluded:g}"))
+        warm = "warmup" if self.warmup else "nowarmup"
+        if self.warmup_epochs is not None:
+            warm += f"{self.warmup_epochs:g}"
+        return (f"B{self.batch_size}_{self.method}_{warm}_b{self.slice_size}"
+                + ("" if self.excluded is None else f"_x{self.excluded:g}")
+                + ("" if self.batch_norm else "_nobn"))
+
+    @property
+    def variant(self):
+        """What sets the curve apart from the plan's protocol ("" if nothing)."""
+        parts = ([] if self.warmup_epochs is None else
+                 [f"{self.warmup_epochs:g}-epoch warmup"])
+        return ", ".join(parts + ([] if self.batch_norm else ["no BatchNorm"]))
 
     @property
     def samples(self):
@@ -155,8 +169,11 @@ class Curve:
     @property
     def legend(self):
         warm = "warmup" if self.warmup else "no warmup"
+        if self.warmup_epochs is not None:
+            warm = f"{self.warmup_epochs:g}-epoch warmup"
         rate = "" if self.excluded is None else f", excluded {self.excluded:g}"
-        return f"{self.method.upper()}, {warm}, b={self.slice_size}{rate}"
+        bn = "" if self.batch_norm else ", no BatchNorm"
+        return f"{self.method.upper()}, {warm}, b={self.slice_size}{rate}{bn}"
 
 
 class Plan:
@@ -200,7 +217,6 @@ class Plan:
                 Curve("clars", big, False, 1024, 1024, layerwise, start=3,
                       ablation=True),
             ]
-            n = {c.name: c for c in self.curves}
             self.figure_panels = [
                 (f"B={big}: SGD", [c.name for c in self.curves
                                    if c.method == "sgd"]),
@@ -213,8 +229,6 @@ class Plan:
                 (f"B={big}: CLARS slice size b (no warmup)",
                  [c.name for c in self.curves if c.method == "clars"
                   and c.batch_size == big and c.excluded is None]),
-                (f"B={big}: decoupled, biases and BatchNorm at {EXCLUDED_RATE:g}",
-                 [c.name for c in self.curves if c.excluded is not None]),
             ]
             # Issue 19: the decoupled protocol at B=4096, each window centred
             # (before it ran) on the tied protocol's choice, 8x higher for
@@ -233,8 +247,27 @@ class Plan:
                 Curve("clars", big, False, 1024, 1024, layerwise, start=2,
                       excluded=EXCLUDED_RATE),
             ]
-            n = {c.name: c for c in self.curves}
-            self.layer_statistics = [name for name in n if name in (
+            # Issue 19's search for a regime where warmup matters (warmup never
+            # mattered above), in its order: B = 16384 (3 updates an epoch),
+            # then a longer warmup there (4 epochs, 12 updates, against 2),
+            # then ResNet-8 without BatchNorm at B = 4096. LARS, tied, each
+            # window where LARS chose at B = 8192 (2 and 4).
+            huge = 16384
+            search = [
+                Curve("lars", huge, True, mb, mb, layerwise, start=1),
+                Curve("lars", huge, False, mb, mb, layerwise, start=1),
+                Curve("lars", huge, True, mb, mb, layerwise, start=1,
+                      warmup_epochs=2 * WARMUP_EPOCHS),
+                Curve("lars", big, True, mb, mb, layerwise, start=1, batch_norm=False),
+                Curve("lars", big, False, mb, mb, layerwise, start=1, batch_norm=False),
+            ]
+            self.curves += search
+            self.figure_panels += [
+                (f"B={big}: decoupled, biases and BatchNorm at {EXCLUDED_RATE:g}",
+                 [c.name for c in self.curves if c.excluded is not None]),
+                (f"B={huge}: LARS (eta {ETA:g})", [c.name for c in search[:3]]),
+                (f"B={big}: LARS without BatchNorm", [c.name for c in search[3:]])]
+            self.layer_statistics = [c.name for c in self.curves if c.name in (
                 f"B{big}_lars_warmup_b{mb}", f"B{big}_clars_nowarmup_b{mb}",
                 f"B{big}_clars_nowarmup_b1")]
         self.ablation_batch = big
@@ -320,8 +353,10 @@ class Plan:
             optimizer=curve.method, batch_size=curve.batch_size,
             micro_batch_size=curve.micro_batch,
             per_example_norms=curve.slice_size == 1,
-            warmup_epochs=self.warmup_epochs if curve.warmup else 0.0,
+            warmup_epochs=(0.0 if not curve.warmup else self.warmup_epochs
+                           if curve.warmup_epochs is None else curve.warmup_epochs),
             base_lr=lr, seed=seed, excluded_lr=curve.excluded,
+            batch_norm=curve.batch_norm,
         )
         if layer_statistics or noise_scale:
             folder = "layer_statistics" if layer_statistics else "noise_scale"

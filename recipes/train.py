@@ -64,6 +64,8 @@ def validate(config):
         (config.depth - 2) % 6 == 0 and config.depth >= 8),
              "--depth must be 6n + 2 with n >= 1 (8, 14, 20, ...); received "
              f"--depth={config.depth}.")
+    _require(config.batch_norm or config.model == "resnet20", "--nobatch_norm needs "
+             f"--model=resnet20; received --model={config.model}.")
     _require(config.excluded_lr is None or config.optimizer != "sgd",
              "--excluded_lr needs --optimizer=clars or lars (SGD has one rate); "
              "received --optimizer=sgd.")
@@ -184,6 +186,7 @@ def build(config, summary, source, strategy, rates, excluded_rates):
             width=config.width, bn_momentum=config.bn_momentum,
             synchronized_bn=config.sync_batchnorm,
             kerascv_config=config.kerascv_config or None, depth=config.depth,
+            batch_norm=config.batch_norm,
         )
         if config.per_example_norms:
             model = keras_clars.per_example_norms(model)

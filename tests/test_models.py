@@ -59,6 +59,16 @@ def test_resnet20_has_20_weighted_layers():
     assert model.output_shape == (None, 10)
 
 
+def test_resnet20_without_batch_norm_has_biases_instead():
+    model = models.resnet20((28, 28, 1), CLASSES, width=2, depth=8, batch_norm=False)
+    assert not [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len(convs) == 9 and all(l.use_bias for l in convs)
+    with_norm = models.resnet20((28, 28, 1), CLASSES, width=2, depth=8)
+    assert not any(l.use_bias for l in with_norm.layers
+                   if isinstance(l, keras.layers.Conv2D))
+
+
 def test_bad_model_arguments_raise():
     with pytest.raises(ValueError, match="Unknown model 'vgg16'"):
         models.build_model("vgg16", (SIZE, SIZE, 3), CLASSES)
@@ -66,6 +76,8 @@ def test_bad_model_arguments_raise():
         models.build_model("resnet50", (28, 28, 1), CLASSES)
     with pytest.raises(ValueError, match="width=0"):
         models.build_model("resnet20", (28, 28, 1), CLASSES, width=0)
+    with pytest.raises(ValueError, match="batch_norm=False needs name='resnet20'"):
+        models.build_model("mobilenet", (SIZE, SIZE, 3), CLASSES, batch_norm=False)
 
 
 def test_kerascv_backbone_from_config():

@@ -196,6 +196,7 @@ def test_named_configs_parse_and_validate(path):
     (dict(depth=9), "--depth must be 6n \\+ 2 .* received --depth=9"),
     (dict(excluded_lr=-1.0), "--excluded_lr must be >= 0; received --excluded_lr=-1.0"),
     (dict(optimizer="sgd", excluded_lr=1.0), "--excluded_lr needs --optimizer=clars or lars"),
+    (dict(model="resnet50", batch_norm=False), "--nobatch_norm needs --model=resnet20"),
     (dict(noise_scale=True, train_examples=1024, validation_examples=512),
      "--noise_scale needs S >= 2 gradient samples .* received S=1"),
 ])

@@ -54,7 +54,9 @@ def test_the_protocol_is_the_same_for_every_method():
         assert (config.image_size, config.depth, config.width, config.epochs) == (14, 8, 8, 12)
         assert config.validation_examples == 10848 and not config.augment
         assert config.trust_coefficient == study.ETA and config.weight_decay == 0
-        assert config.warmup_epochs == (2 if curve.warmup else 0)
+        assert config.warmup_epochs == (0 if not curve.warmup else
+                                        curve.warmup_epochs or 2)
+        assert config.batch_norm == curve.batch_norm
         assert config.per_example_norms == (curve.slice_size == 1)
         # BatchNorm over 256 examples for every method but the b ablation.
         assert config.micro_batch_size == (256 if curve.slice_size in (1, 256)
@@ -64,7 +66,14 @@ def test_the_protocol_is_the_same_for_every_method():
             ("lars", 4096, False, 256), ("clars", 4096, False, 256),
             ("clars", 4096, False, 1), ("lars", 8192, True, 256),
             ("lars", 8192, False, 256), ("clars", 8192, False, 256),
-            ("clars", 4096, False, 64), ("clars", 4096, False, 1024)} == methods
+            ("clars", 4096, False, 64), ("clars", 4096, False, 1024),
+            ("lars", 16384, True, 256), ("lars", 16384, False, 256)} == methods
+    # Issue 19's search for warmup: a 4-epoch warmup at B = 16384, and
+    # LARS without BatchNorm at B = 4096, with and without warmup.
+    variants = {(c.batch_size, c.warmup, c.warmup_epochs, c.batch_norm)
+                for c in plan.curves if c.variant}
+    assert variants == {(16384, True, 4, True), (4096, True, None, False),
+                        (4096, False, None, False)}
 
 
 def test_bad_arguments_are_refused():
