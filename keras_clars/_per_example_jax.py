@@ -2,8 +2,9 @@
 
 Keras's JAX trainer is stateless: it differentiates
 `compute_loss_and_updates` with `jax.value_and_grad`. D = dL/dZ comes from
-the same backward pass through a zero tap per target layer, Z' = Z + p
-with p = 0, differentiated alongside the trainable variables (dL/dp = D).
+the same backward pass through a zero tap per target layer, E' = E + p
+with p = 0 on the `Recorder`'s E (dL/dE = D), differentiated alongside
+the trainable variables (dL/dp = D).
 The taps' shapes come from one abstract evaluation (`jax.eval_shape`) of
 the forward pass, at trace time only.
 
@@ -28,8 +29,9 @@ def train_step(model, state, data, targets):
     optimizer = model.optimizer
 
     def loss_and_records(trainable, taps):
-        recorder = norms_lib.Recorder(targets.layers, taps)
-        with recorder:
+        end = None if taps is None else (lambda index, e: e + taps[index])
+        recorder = norms_lib.Recorder(targets.layers, end)
+        with model.recording(recorder):
             loss, aux = model.compute_loss_and_updates(
                 trainable, non_trainable, metrics_variables, x, y,
                 sample_weight, training=True,
@@ -37,7 +39,7 @@ def train_step(model, state, data, targets):
         return loss, (aux, recorder.records())
 
     shapes = jax.eval_shape(lambda t: loss_and_records(t, None)[1][1], trainable)
-    taps = [jax.numpy.zeros(z.shape, z.dtype) for _, z in shapes]
+    taps = [jax.numpy.zeros(e.shape, e.dtype) for _, e in shapes]
     (_, (aux, records)), (grads, ds) = jax.value_and_grad(
         loss_and_records, argnums=(0, 1), has_aux=True)(trainable, taps)
     unscaled_loss, y_pred, non_trainable, metrics_variables = aux

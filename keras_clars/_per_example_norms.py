@@ -13,8 +13,10 @@ Words, each with one meaning:
   gradient, for variables excluded from layer adaptation). `find_targets`
   decides them once per trace, with clear errors for what cannot be
   computed; `Targets.layers` are the layers to record.
-- **record**: one layer's (A, Z) from the training forward pass
-  (`Recorder`), and then its (A, D).
+- **record**: one layer's input A and E, the tensor whose gradient is D
+  (E = Z for a linear layer), kept while `Recorder` runs the model's own
+  graph in the training forward pass (no layer is patched); then its
+  (A, D).
 - **kind**: the layer's class among Dense, Conv2D and DepthwiseConv2D; one
   function per kind computes its squared norms (`squared_norms`).
 - **form**: how one example's squared norm ||A_i^T D_i||^2 is computed:
@@ -27,6 +29,8 @@ Words, each with one meaning:
 
 import keras
 from keras import ops
+from keras.src import backend, tree
+from keras.src.models.functional import Functional, operation_fn, unpack_singleton
 
 # Above this many float32 elements per chunk, the batch is processed in
 # chunks (patches, per-example gradients or Gram matrices).
@@ -166,68 +170,168 @@ def _check_supported(variable, layer):
 # ---------------------------------------------------------------- records
 
 
-class Recorder:
-    """Records (A, Z) of each target layer during one forward pass.
+def _is_linear(layer):
+    return layer.activation is None or layer.activation is keras.activations.linear
 
-    While active, each layer's `call` is replaced on the instance by one
-    that runs the layer without its activation, adds the layer's tap to the
-    pre-activation output Z if `taps` are given (Z + p with p = 0: the
-    gradient with respect to p is D, for backends that differentiate with
-    respect to inputs only), records the layer's input A and Z, and applies
-    the activation.
+
+def _preactivation(layer, a, dtype):
+    """Z = A W (+ b), recomputed from the layer's input A as its `call`
+    computes it before the activation."""
+    kernel = ops.cast(layer.kernel, dtype)
+    if isinstance(layer, _DENSE):
+        z = ops.matmul(a, kernel)
+    elif isinstance(layer, _DEPTHWISE):
+        z = ops.depthwise_conv(
+            a, kernel, strides=layer.strides, padding=layer.padding,
+            dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+    else:
+        z = layer.convolution_op(a, kernel)
+    if layer.bias is None:
+        return z
+    shape = [1] * len(z.shape)
+    shape[1 if _channels_first(layer) else -1] = -1
+    return ops.add(z, ops.reshape(ops.cast(layer.bias, dtype), shape))
+
+
+def _graph(model):
+    """The Functional graph that `model.call` runs: `model` itself, or a
+    Sequential model's (None if it has none: its layers run in turn).
+
+    Raises:
+        ValueError: `model` has its own `call` (a subclassed model).
+    """
+    if isinstance(model, keras.Sequential) and type(model).call is keras.Sequential.call:
+        return model._functional
+    if isinstance(model, Functional) and type(model).call is Functional.call:
+        return model
+    raise ValueError(
+        "model must be a Functional or Sequential model to use "
+        "per_example_norms (Keras 3 has no forward hooks: the wrapper "
+        "records a layer's input and output by running the model's graph, "
+        "and does not patch layers); received model="
+        f"{model.name!r} ({type(model).__name__}, with its own call). Build "
+        "it as a Functional or Sequential model, or "
+        + ALTERNATIVE[0].lower() + ALTERNATIVE[1:]
+    )
+
+
+class Recorder:
+    """Runs a model's own graph, recording each target layer's input A and
+    E, the tensor whose gradient is D = dL/dZ (Z: its pre-activation output).
+
+    Keras 3 has no forward hooks, so `forward` runs the graph as
+    `Functional.call` does: every operation is called through
+    `Layer.__call__`, unchanged; after a target layer's call,
+
+    - linear activation: E = end(Y), the layer's output Y = Z, which the
+      graph then uses;
+    - otherwise: E = end(stop_gradient(A W + b)), Z recomputed from A, and
+      the graph uses Y + (act(E) - stop_gradient(act(E))): the same value,
+      whose gradient also reaches E through the activation, so dL/dE = D,
+      with no extra gradient to W or A.
+
+    `end(i, e)`: the backend's tensor to differentiate for layer i (the
+    tape's watched `e` on TensorFlow, `e` requiring grad on PyTorch, e + p_i
+    with a zero tap p_i on JAX). Nested Functional and Sequential models
+    that hold target layers are run the same way.
     """
 
-    def __init__(self, layers, taps=None):
+    def __init__(self, layers, end=None):
         self.layers = layers
-        self.taps = taps  # one zero tensor per layer, Z's shape, or None
-        self._records = {}  # id(layer) -> (A, Z)
+        self._end = end or (lambda index, e: e)
+        self._index = {id(layer): i for i, layer in enumerate(layers)}
+        self._records = {}  # id(layer) -> (A, E)
 
-    def _hook(self, layer, tap):
-        original = layer.call
+    def forward(self, model, inputs, mask=None, **context):
+        """`model(inputs, mask=mask, **context)`, recording; `context`: the
+        call-context arguments (`training`) that Keras passes to each layer.
+        """
+        with model._open_name_scope():
+            graph = _graph(model)
+            if graph is None:
+                return self._sequential(model, inputs, mask, context)
+            inputs = graph._standardize_inputs(inputs)
+            masks = [None] * len(inputs) if mask is None else tree.flatten(mask)
+            for x, m in zip(inputs, masks):
+                if m is not None:
+                    backend.set_keras_mask(x, m)
+            outputs = graph._run_through_graph(
+                inputs, operation_fn=lambda op: self._operation(op, context))
+        return unpack_singleton(outputs)
 
-        def call(*args, **kwargs):
-            inputs = args[0] if args else kwargs["inputs"]
-            activation = layer.__dict__.get("activation")
-            object.__setattr__(layer, "activation", None)
-            try:
-                z = original(*args, **kwargs)
-            finally:
-                object.__setattr__(layer, "activation", activation)
-            if id(layer) in self._records:
-                raise ValueError(
-                    "Layers must be called once per forward pass to use "
-                    f"per_example_norms; received layer={layer.name!r}, "
-                    "called more than once (shared weights). " + ALTERNATIVE
-                )
-            if tap is not None:
-                z = z + tap
-            self._records[id(layer)] = (inputs, z)
-            return activation(z) if activation is not None else z
+    def _sequential(self, model, inputs, mask, context):
+        """`Sequential.call` without a graph: its layers in turn."""
+        training = context.get("training")
+        for layer in model.layers:
+            kwargs = {"mask": mask} if layer._call_has_mask_arg else {}
+            if layer._call_has_training_arg and training is not None:
+                kwargs["training"] = training
+            inputs = self._operation(layer, {})(inputs, **kwargs)
+            mask = tree.map_structure(backend.get_keras_mask, inputs)
+        return inputs
 
+    def _operation(self, operation, context):
+        """How the graph calls `operation`: as Keras does (`operation_fn`),
+        then recording it if a target; a model holding targets: by its graph.
+        """
+        call = operation_fn(operation, **context)
+        if id(operation) in self._index:
+            return lambda *args, **kwargs: self._record(
+                operation, args, kwargs, call(*args, **kwargs))
+        if isinstance(operation, keras.Model) and any(
+                id(layer) in self._index
+                for layer in operation._flatten_layers(include_self=False)):
+            return lambda *args, **kwargs: self._nested(
+                operation, context, args, kwargs)
         return call
 
-    def __enter__(self):
-        taps = self.taps or [None] * len(self.layers)
-        for layer, tap in zip(self.layers, taps):
-            object.__setattr__(layer, "call", self._hook(layer, tap))
-        return self
+    def _nested(self, model, context, args, kwargs):
+        """A nested model's call, with the arguments `Layer.__call__` would
+        give it (its context arguments; the input's mask)."""
+        kwargs = dict(kwargs)
+        for name, value in context.items():
+            if value is not None and name in model._call_context_args:
+                kwargs[name] = value
+        inputs = args[0] if args else kwargs.pop("inputs")
+        if kwargs.get("mask") is None:
+            kwargs["mask"] = tree.map_structure(backend.get_keras_mask, inputs)
+        return self.forward(model, inputs, **kwargs)
 
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            if "call" in layer.__dict__:
-                object.__delattr__(layer, "call")
-        return False
+    def _record(self, layer, args, kwargs, y):
+        """Records layer's (A, E); returns the output the graph goes on with."""
+        if id(layer) in self._records:
+            raise ValueError(
+                "Layers must be called once per forward pass to use "
+                f"per_example_norms; received layer={layer.name!r}, "
+                "called more than once (shared weights). " + ALTERNATIVE
+            )
+        a = args[0] if args else kwargs["inputs"]
+        a = layer.dtype_policy.convert_input(a, layer.autocast, layer.input_dtype)
+        index = self._index[id(layer)]
+        if _is_linear(layer):
+            e = out = self._end(index, y)
+        else:
+            e = self._end(index, ops.stop_gradient(
+                _preactivation(layer, a, y.dtype)))
+            h = layer.activation(e)
+            out = ops.add(y, ops.subtract(h, ops.stop_gradient(h)))
+        mask = backend.get_keras_mask(y)
+        if out is not y and mask is not None:
+            backend.set_keras_mask(out, mask)
+        self._records[id(layer)] = (a, e)
+        return out
 
     def records(self):
-        """[(A, Z)], one per layer, in `layers`' order."""
+        """[(A, E)], one per layer, in `layers`' order."""
         for layer in self.layers:
             if id(layer) not in self._records:
                 raise ValueError(
                     "Every layer with layer-adapted variables must be called "
-                    "in the model's forward pass, where per_example_norms "
-                    f"records its input and output; received layer="
-                    f"{layer.name!r}, not reached (its variables are used "
-                    "some other way). " + ALTERNATIVE
+                    "by the model's graph (or a nested Functional or "
+                    "Sequential model's), where per_example_norms records its "
+                    f"input and output; received layer={layer.name!r}, not "
+                    "reached (called inside another layer's call, or its "
+                    "variables are used some other way). " + ALTERNATIVE
                 )
         return [self._records[id(layer)] for layer in self.layers]
 

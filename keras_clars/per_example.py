@@ -1,5 +1,7 @@
 """Exact per-example complete norms for CLARS: `per_example_norms(model)`."""
 
+import contextlib
+
 import keras
 
 from keras_clars.layerwise import inner_optimizer
@@ -37,7 +39,9 @@ class PerExampleNormModel(keras.Model):
     Built by `per_example_norms(model)`; see its docstring. It holds the
     wrapped model as `base_model` and shares its layers and weights:
     `call` delegates to it, and `trainable_variables` are the wrapped
-    model's, in the same order.
+    model's, in the same order. Inside `recording(recorder)` (the
+    per-example training steps), `call` runs the base model's graph through
+    the recorder instead, which gives the same outputs.
     """
 
     def __init__(self, base_model, **kwargs):
@@ -46,10 +50,26 @@ class PerExampleNormModel(keras.Model):
         kwargs.setdefault("dtype", base_model.dtype_policy)
         super().__init__(**kwargs)
         self.base_model = base_model
+        self._recorder = None
         if getattr(base_model, "built", False):
             self.built = True
 
+    @contextlib.contextmanager
+    def recording(self, recorder):
+        """While active, `call` runs `base_model` by `recorder.forward`,
+        which records the target layers' inputs and outputs
+        (`_per_example_norms.Recorder`). `call` reads the recorder once,
+        when it starts."""
+        self._recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self._recorder = None
+
     def call(self, inputs, training=None, mask=None):
+        if self._recorder is not None:
+            return self._recorder.forward(self.base_model, inputs, mask=mask,
+                                          training=training)
         if mask is None:
             return self.base_model(inputs, training=training)
         return self.base_model(inputs, training=training, mask=mask)
@@ -131,10 +151,21 @@ def per_example_norms(model):
     the replica's mean gradient. A layer-adapted variable elsewhere
     (Conv1D, Conv3D, Embedding, a custom layer, BatchNorm's gamma/beta
     un-excluded, a kernel with a `kernel_regularizer`, a layer called
-    twice) raises a `ValueError` naming the layer and the alternative
-    (micro-batch samples: `gradient_accumulation_steps` or replicas) when
-    the training step is first traced (the first `fit` or
-    `train_on_batch`).
+    twice or inside another layer's `call`) raises a `ValueError` naming
+    the layer and the alternative (micro-batch samples:
+    `gradient_accumulation_steps` or replicas) when the training step is
+    first traced (the first `fit` or `train_on_batch`); so does a
+    subclassed model.
+
+    How the layers' inputs and outputs are recorded: Keras 3 has no
+    forward hooks, and the wrapper does not patch layers. During the
+    training step it runs the model's own graph, as `Functional.call`
+    does (every layer called by Keras as usual, nested Functional and
+    Sequential models included), and records each layer's input A and
+    output. A linear layer's output is Z; for a layer with an activation,
+    Z is recomputed from A (one more matrix product or convolution) and
+    the activation's derivative is applied to dL/d(output) in the same
+    backward pass.
 
     The wrapper works with `compile`, `fit`, `evaluate`, callbacks,
     `model.save` / `keras.models.load_model`, gradient accumulation (N_l is
@@ -157,9 +188,10 @@ def per_example_norms(model):
     example of the global batch.
 
     Args:
-        model: a Keras model (Functional, Sequential or subclassed) to be
-            trained with CLARS. Its layers and weights are shared, not
-            copied.
+        model: a Functional or Sequential Keras model to be trained with
+            CLARS (a subclassed model's own `call` cannot be followed
+            without hooks: it raises at the first step when CLARS needs
+            the norms). Its layers and weights are shared, not copied.
 
     Returns:
         A `keras.Model` to compile and fit in place of `model`. Returns

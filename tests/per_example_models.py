@@ -19,17 +19,21 @@ def loss_fn():
 
 def conv_model(seed=0):
     """Dense, Conv2D (strided; dilated 'valid'; groups=2), DepthwiseConv2D,
-    and a Dense on 3-D input, without BatchNorm."""
+    and a Dense on 3-D input, without BatchNorm; with relu, tanh, softmax
+    and linear activations (D = dL/dZ through each), and two layers in a
+    nested Sequential model (whose graph the wrapper runs too)."""
     inputs = keras.Input((9, 9, 2))
     x = keras.layers.Conv2D(4, 3, strides=2, padding="same",
-                            activation="tanh")(inputs)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2,
-                                     activation="tanh")(x)
-    x = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="valid",
-                            groups=2, activation="tanh")(x)
-    x = keras.layers.Conv2D(6, 1, strides=1, activation="tanh")(x)
+                            activation="relu")(inputs)
+    x = keras.Sequential([
+        keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2,
+                                     activation="tanh"),
+        keras.layers.Conv2D(4, 3, dilation_rate=2, padding="valid",
+                            groups=2, activation="tanh"),
+    ], name="nested")(x)
+    x = keras.layers.Conv2D(6, 1, strides=1, activation="relu")(x)
     x = keras.layers.Reshape((1, -1))(x)
-    x = keras.layers.Dense(5, activation="tanh")(x)  # rank-3 input
+    x = keras.layers.Dense(5, activation="softmax")(x)  # rank-3 input
     x = keras.layers.Flatten()(x)
     outputs = keras.layers.Dense(3)(x)
     model = keras.Model(inputs, outputs)

@@ -150,12 +150,12 @@ def test_batchnorm_contributions_sum_to_the_batch_gradient():
     targets = _per_example_norms.find_targets(wrapped, CLARS())
     recorder = _per_example_norms.Recorder(targets.layers)
     with tf.GradientTape() as tape:
-        with recorder:
+        with wrapped.recording(recorder):
             logits = wrapped(x, training=True)
         loss = loss_fn()(y, logits)
     records = recorder.records()
     kernels = [layer.trainable_weights[0] for layer in targets.layers]
-    outputs = tape.gradient(loss, kernels + [z for _, z in records])
+    outputs = tape.gradient(loss, kernels + [e for _, e in records])
     grads, ds = outputs[:len(kernels)], outputs[len(kernels):]
     for layer, (a, _), d, kernel, grad in zip(targets.layers, records, ds,
                                               kernels, grads):
@@ -253,6 +253,37 @@ def test_shared_layer_raises_at_the_first_step():
     outputs = keras.layers.Dense(3)(shared(shared(inputs)))
     wrapped = _compile(keras.Model(inputs, outputs))
     with pytest.raises(ValueError, match="layer='shared', called more than once"):
+        wrapped.fit(np.ones((4, 4), "float32"), np.zeros(4, "int32"), verbose=0)
+
+
+class Block(keras.layers.Layer):
+    """A custom layer calling a Dense: per_example_norms cannot reach it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4, name="inner")
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+class Subclassed(Block, keras.Model):
+    """A subclassed model (its own `call`)."""
+
+
+def test_layer_called_inside_another_layer_raises():
+    inputs = keras.Input((4,))
+    wrapped = _compile(keras.Model(inputs, keras.layers.Dense(3)(Block()(inputs))))
+    with pytest.raises(ValueError, match="layer='inner', not reached"):
+        _fit(wrapped)
+
+
+def test_subclassed_model_raises_naming_the_alternatives():
+    wrapped = _compile(Subclassed(name="sub"))
+    with pytest.raises(ValueError, match=(
+            "model must be a Functional or Sequential model .*; received "
+            r"model='sub' \(Subclassed, with its own call\)\. Build it as a "
+            "Functional or Sequential model, or use micro-batch samples")):
         wrapped.fit(np.ones((4, 4), "float32"), np.zeros(4, "int32"), verbose=0)
 
 
