@@ -139,6 +139,32 @@ def test_accumulation_averages_over_the_window():
         np.testing.assert_allclose(a, b, **WEIGHT_TOLERANCE)
 
 
+class Unshaped(keras.layers.Layer):
+    """The identity, without shape inference: a Sequential model holding it
+    has no graph, and its `call` runs its layers in turn."""
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_spec(self, inputs):
+        raise NotImplementedError
+
+
+def test_sequential_without_a_graph_equals_with_one():
+    x, y = data(BATCH, shape=(4,))
+    weights = []
+    for middle in ([], [Unshaped()]):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.layers.Dense(5, activation="relu"),
+                                  *middle, keras.layers.Dense(3)])
+        model(x)  # builds it (an unbuilt model has no variables to target)
+        assert (model._functional is None) == bool(middle)
+        fit_one_update(model, x, y)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------- BatchNorm
 
 
