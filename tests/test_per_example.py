@@ -305,7 +305,9 @@ def test_layer_called_inside_another_layer_raises():
 
 
 def test_subclassed_model_raises_naming_the_alternatives():
-    wrapped = _compile(Subclassed(name="sub"))
+    model = Subclassed(name="sub")
+    model(np.ones((1, 4), "float32"))  # builds it
+    wrapped = _compile(model)
     with pytest.raises(ValueError, match=(
             "model must be a Functional or Sequential model .*; received "
             r"model='sub' \(Subclassed, with its own call\)\. Build it as a "
