@@ -9,14 +9,25 @@ Compiles one `apply` of Keras SGD(momentum=0.9), LARS and CLARS over the
 `experimental_get_compiler_ir`; JAX: `jax.jit(stateless_apply)`, the
 compiled module's text), and counts, in the module's entry computation,
 the kernels XLA runs one after the other (fusions and unfused ops, not
-parameters, constants, tuples or bitcasts), by kind; and, over all
-computations, the `reduce` and `reduce-window` instructions. On TensorFlow
-the fusions are also counted by the TensorFlow op they came from (the HLO
-metadata). A count needs no timing: it does not move with the load.
+parameters, constants, tuples or bitcasts), by kind, a `conditional`
+counting as itself plus its largest branch (an update inside a `cond`, as
+in older versions, is counted whole); and, over all computations, the
+`reduce` and `reduce-window` instructions. On TensorFlow the fusions are
+also counted by the TensorFlow op they came from (the HLO metadata).
+`sequence_digest` is a hash of the kernels in the order they run (opcode,
+shape and source op of each, no instruction names): two versions of the
+update with the same digest compile to the same kernels in the same order.
+`before_first_momentum` (TensorFlow) counts the kernels that run before
+the first one of a `ResourceApplyMomentum`: the norms that every layer's
+update waits for.
+
+    python -m benchmarks.update_hlo --optimizers CLARS   # one optimizer
+A count needs no timing: it does not move with the load.
 """
 
 import argparse
 import collections
+import hashlib
 import os
 import re
 import time
@@ -27,24 +38,77 @@ from benchmarks import records  # noqa: E402
 
 # Entry instructions that are no kernel of their own.
 FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (?:\([^=]*\)|\S+) ([a-z][\w-]*)\(")
+# `%name = SHAPE opcode(`; a tuple SHAPE is parenthesized and may hold `=`.
+ASSIGNMENT = re.compile(r"^\s*(?:ROOT )?%\S+ = ")
+HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
+
+
+def _shape_and_opcode(line):
+    """(shape, opcode) of one HLO instruction line, or None."""
+    match = ASSIGNMENT.match(line)
+    if not match:
+        return None
+    rest, depth = line[match.end():], 0
+    for end, char in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and char in ") ":
+            break
+    shape, rest = rest[:end + 1].rstrip(), rest[end + 1:]
+    opcode = re.match(r"\s*([a-z][\w-]*)\(", rest)
+    return (shape, opcode.group(1)) if opcode else None
+
+
+def _computations(hlo):
+    """{name: its instruction lines}; the entry computation is "ENTRY"."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        header = HEADER.match(line)
+        if header:
+            name = "ENTRY" if header.group(1) else header.group(2)
+            computations[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            computations[name].append(line)
+    return computations
+
+
+def _kernels(computations, name):
+    """[(opcode, shape, TensorFlow op or None, the line)] that run one after
+    the other in computation `name`; a conditional is itself plus the
+    kernels of its largest branch."""
+    kernels = []
+    for line in computations[name]:
+        parsed = _shape_and_opcode(line)
+        if parsed is None or parsed[1] in FREE:
+            continue
+        shape, opcode = parsed
+        source = re.search(r'op_type="(\w+)"', line)
+        kernels.append((opcode, shape, source and source.group(1), line))
+        if opcode == "conditional":
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            names = (branches.group(1).split(",") if branches else
+                     re.findall(r"(?:true|false)_computation=(%?[\w.-]+)", line))
+            kernels += max((_kernels(computations, n.strip().lstrip("%"))
+                            for n in names), key=len)
+    return kernels
 
 
 def count(hlo):
     """Counts of one HLO module's text (see the module docstring)."""
-    entry = hlo[hlo.index("\nENTRY"):]
-    entry = entry[:entry.index("\n}")]
     kernels, fusion_kinds, fusion_sources = (collections.Counter() for _ in range(3))
-    for line in entry.splitlines()[1:]:
-        match = INSTRUCTION.match(line)
-        if not match or match.group(1) in FREE:
-            continue
-        kernels[match.group(1)] += 1
-        if match.group(1) == "fusion":
+    sequence = _kernels(_computations(hlo), "ENTRY")
+    for opcode, _, source, line in sequence:
+        kernels[opcode] += 1
+        if opcode == "fusion":
             kind = re.search(r"kind=(k\w+)", line)
             fusion_kinds[kind.group(1) if kind else "?"] += 1
-            source = re.search(r'op_type="(\w+)"', line)
-            fusion_sources[source.group(1) if source else "(none)"] += 1
+            fusion_sources[source or "(none)"] += 1
+    momentum = [k for k, (_, _, source, _) in enumerate(sequence)
+                if source == "ResourceApplyMomentum"]
+    digest = hashlib.sha256("\n".join(
+        f"{opcode} {shape} {source}" for opcode, shape, source, _ in sequence
+    ).encode()).hexdigest()[:16]
     return {
         "kernels": sum(kernels.values()),
         "kernels_by_opcode": dict(kernels.most_common()),
@@ -52,6 +116,8 @@ def count(hlo):
         "fusions_by_source_op": dict(fusion_sources.most_common()),
         "reduce": len(re.findall(r" reduce\(", hlo)),
         "reduce_window": len(re.findall(r" reduce-window\(", hlo)),
+        "sequence_digest": digest,
+        "before_first_momentum": momentum[0] if momentum else None,
     }
 
 
@@ -89,6 +155,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None,
                         help="a JSON record of the counts (default: none)")
+    parser.add_argument("--optimizers", default="SGD,LARS,CLARS",
+                        help="comma-separated, of SGD, LARS, CLARS")
     args = parser.parse_args(argv)
     import keras
     import numpy as np
@@ -102,7 +170,9 @@ def main(argv=None):
     print(f"{keras.backend.backend()}: {len(variables)} variables")
     record["variables"] = len(variables)
     record["optimizers"] = {}
-    for name, make in _optimizers().items():
+    makers = _optimizers()
+    for name in args.optimizers.split(","):
+        make = makers[name]
         start = time.perf_counter()
         counts = count(compiled_hlo(make(), variables, grads))
         counts["compile_s"] = time.perf_counter() - start
@@ -110,7 +180,8 @@ def main(argv=None):
         print(f"{name:>6}: {counts['kernels']} kernels "
               f"{counts['fusions_by_kind']}, {counts['reduce']} reduce, "
               f"{counts['reduce_window']} reduce-window; fusions from "
-              f"{counts['fusions_by_source_op']}", flush=True)
+              f"{counts['fusions_by_source_op']}; sequence "
+              f"{counts['sequence_digest']}", flush=True)
     if args.out:
         records.write(args.out, record)
 

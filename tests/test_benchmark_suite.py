@@ -68,3 +68,53 @@ def test_tables_derive_the_verdicts_from_the_records(tmp_path, capsys):
     assert "| per_example_jax | budget used (720 s) | - |" in out
     assert "Not measured in this run: per-example cost on ['jax']" in out
     assert "Tracing: not measured in this run." in out
+
+
+HLO = """HloModule m
+
+%fused_norm (p: f32[8]) -> f32[] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %r = f32[] reduce(%p, %p), dimensions={0}, to_apply=%add
+}
+
+%true_branch (t: (f32[8], /*index=1*/f32[])) -> (f32[8]) {
+  %t = (f32[8]{0}, /*index=1*/f32[]) parameter(0)
+  %w = f32[8]{0} get-tuple-element(%t), index=0
+  %n = f32[] fusion(%w), kind=kLoop, calls=%fused_norm, metadata={op_type="L2Loss" op_name="{name}/L2Loss"}
+  %u = f32[8]{0} fusion(%w, %n), kind=kLoop, calls=%fused_update, metadata={op_type="ResourceApplyMomentum" op_name="{name}/R"}
+  ROOT %out = (f32[8]{0}) tuple(%u)
+}
+
+%false_branch (f: (f32[8], /*index=1*/f32[])) -> (f32[8]) {
+  %f = (f32[8]{0}, /*index=1*/f32[]) parameter(0)
+  %v = f32[8]{0} get-tuple-element(%f), index=0
+  ROOT %o = (f32[8]{0}) tuple(%v)
+}
+
+ENTRY %main (a: f32[8], c: pred[]) -> (f32[8]) {
+  %a = f32[8]{0} parameter(0)
+  %c = pred[] parameter(1)
+  %g = f32[] dot(%a, %a), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  %x = (f32[8]{0}, /*index=1*/f32[]) tuple(%a, %g)
+  ROOT %{name} = (f32[8]{0}) conditional(%c, %x, %x), true_computation=%true_branch, false_computation=%false_branch
+}
+"""
+
+
+def test_update_hlo_counts_the_kernels_of_a_conditional_branch():
+    from benchmarks import update_hlo
+
+    counts = update_hlo.count(HLO.replace("{name}", "cond"))
+    # The dot, the conditional, and its larger branch's two fusions.
+    assert counts["kernels"] == 4
+    assert counts["kernels_by_opcode"] == {"fusion": 2, "dot": 1, "conditional": 1}
+    assert counts["fusions_by_source_op"] == {"L2Loss": 1, "ResourceApplyMomentum": 1}
+    assert counts["reduce"] == 1
+    assert counts["before_first_momentum"] == 3  # dot, conditional, norm
+    # The order of the kernels, not their names, makes the digest.
+    assert update_hlo.count(HLO.replace("{name}", "if"))["sequence_digest"] \
+        == counts["sequence_digest"]
+    swapped = HLO.replace("calls=%fused_norm", "calls=%n2").replace(
+        'op_type="L2Loss"', 'op_type="Sum"')
+    assert update_hlo.count(swapped.replace("{name}", "cond"))[
+        "sequence_digest"] != counts["sequence_digest"]
