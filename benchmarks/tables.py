@@ -193,9 +193,14 @@ def noise_scale(results, suite):
             f" | {verdict(record['ratio'], 1.02)} | {record['cpu_ratio']:.3f} |"]
 
 
+def _or_dash(value):
+    return "-" if value is None or value == "" else value
+
+
 def hlo(paths):
     lines = ["| backend | commit | optimizer | kernels | loop fusions | reduce | "
-             "reduce-window | fusions by source op |", "|---|---|---|---|---|---|---|---|"]
+             "reduce-window | before first update | order | fusions by source op |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             record = json.load(f)
@@ -205,7 +210,9 @@ def hlo(paths):
             lines.append(f"| {record['environment']['backend']} | "
                          f"{record['commit'][:7]} | {name} | "
                          f"{c['kernels']} | {c['fusions_by_kind'].get('kLoop', 0)} | "
-                         f"{c['reduce']} | {c['reduce_window']} | {sources} |")
+                         f"{c['reduce']} | {c['reduce_window']} | "
+                         f"{_or_dash(c.get('before_first_momentum'))} | "
+                         f"{_or_dash(c.get('sequence_digest', '')[:8])} | {sources} |")
     lines.append("")
     lines.append("(`python -m benchmarks.update_hlo`; counts, not timings: the "
                  "load does not move them.)")

@@ -101,7 +101,7 @@ ENTRY %main (a: f32[8], c: pred[]) -> (f32[8]) {
 """
 
 
-def test_update_hlo_counts_the_kernels_of_a_conditional_branch():
+def test_update_hlo_counts_the_kernels_of_a_conditional_branch(tmp_path):
     from benchmarks import update_hlo
 
     counts = update_hlo.count(HLO.replace("{name}", "cond"))
@@ -118,3 +118,14 @@ def test_update_hlo_counts_the_kernels_of_a_conditional_branch():
         'op_type="L2Loss"', 'op_type="Sum"')
     assert update_hlo.count(swapped.replace("{name}", "cond"))[
         "sequence_digest"] != counts["sequence_digest"]
+    # benchmarks.tables prints both, and "-" for a record from before them.
+    old = {k: v for k, v in counts.items()
+           if k not in ("sequence_digest", "before_first_momentum")}
+    paths = []
+    for name, c in (("new", counts), ("old", old)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        _write(tmp_path, name, {"environment": {"backend": "tensorflow"},
+                                "commit": name * 3, "optimizers": {"CLARS": c}})
+    new_row, old_row = tables.hlo(paths)[2:4]
+    assert f"| 3 | {counts['sequence_digest'][:8]} |" in new_row
+    assert "| 4 | 2 | 1 | 0 | - | - |" in old_row
