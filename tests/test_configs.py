@@ -17,20 +17,23 @@ hyperparameters are kept; only the size of the run shrinks:
   accumulation on 2 replicas (k > 1) still accumulates (k=2) and one that
   does not, does not.
 
-All configs run in ONE subprocess with ONE MirroredStrategy, through
-`recipes.train.run(config, strategy=...)`: TensorFlow's collectives abort a
-process that makes a second MirroredStrategy with differently sized
-all-reduces, and one TensorFlow start-up is cheaper than twelve.
+The configs run in TWO subprocesses at once, six each, each with ONE
+MirroredStrategy, through `recipes.train.run(config, strategy=...)`:
+TensorFlow's collectives abort a process that makes a second
+MirroredStrategy with differently sized all-reduces, and two TensorFlow
+start-ups are cheaper than twelve. A worker's tracing is mostly one
+thread's work: two of them keep a 2-core machine busy.
 """
 
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+import distributed_worker as worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "recipes", "configs", "*.cfg")))
@@ -41,7 +44,8 @@ OWN_MODELS = os.environ.get("KERAS_CLARS_CONFIG_MODELS") == "1"
 # fixed, the test fails until the entry is removed.
 KNOWN_FAILURES = {}
 
-# Runs in the subprocess: argv[1] is a JSON list of [name, args], argv[2]
+WORKERS = 2
+# Runs in each subprocess: argv[1] is a JSON list of [name, args], argv[2]
 # the JSON file of results (name -> summary, or name -> {"error": ...}).
 WORKER = r"""
 import json, sys, time, traceback
@@ -115,23 +119,27 @@ def _plan(path, tmp_path):
 def results(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("configs")
     plans = {_name(p): _plan(p, tmp_path) for p in CONFIGS}
-    out = tmp_path / "results.json"
     job = [[name, args] for name, (args, _) in plans.items()]
+    # Every other config: each worker gets each model's and dataset's configs.
+    jobs = [job[i::WORKERS] for i in range(WORKERS)]
+    outs = [tmp_path / f"results{i}.json" for i in range(WORKERS)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     timeout = 3600 if OWN_MODELS else 900
-    try:
-        proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job), str(out)],
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the config worker ran past {timeout} s")
+    finished = worker.launch(
+        [[sys.executable, "-c", WORKER, json.dumps(part), str(out)]
+         for part, out in zip(jobs, outs)], timeout, [env] * WORKERS)
     found = {}
-    if out.exists():
-        with open(out) as f:
-            found = json.load(f)
-    if proc.returncode and len(found) < len(plans):
-        pytest.fail(f"the config worker exited with {proc.returncode} after "
-                    f"{sorted(found)}:\n{proc.stderr[-4000:]}")
+    for part, out, (code, output) in zip(jobs, outs, finished):
+        done = {}
+        if out.exists():
+            with open(out) as f:
+                done = json.load(f)
+        if code is None:
+            pytest.fail(f"a config worker ran past {timeout} s after {sorted(done)}")
+        if code and len(done) < len(part):
+            pytest.fail(f"a config worker exited with {code} after "
+                        f"{sorted(done)}:\n{output[-4000:]}")
+        found.update(done)
     return plans, found
 
 
