@@ -100,14 +100,26 @@ def launch(commands, timeout, envs=None):
             proc.wait()
 
 
+def run_modes(runs, timeout=300, env=None):
+    """Runs modes of this script at the same time; returns their arrays or raises.
+
+    Args:
+        runs: `(mode, out, *args)` tuples, one per process.
+    """
+    commands = [[sys.executable, os.path.abspath(__file__), mode, str(out), *args]
+                for mode, out, *args in runs]
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    finished = launch(commands, timeout, [environment] * len(commands))
+    for (mode, *_), (code, output) in zip(runs, finished):
+        if code != 0:
+            raise AssertionError(f"{mode} worker failed ({code}):\n{output[-4000:]}")
+    return [dict(np.load(out)) for _, out, *_ in runs]
+
+
 def run_mode(mode, out, *args, timeout=300, env=None):
     """Runs one mode of this script; returns its arrays or raises."""
-    command = [sys.executable, os.path.abspath(__file__), mode, str(out), *args]
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    [(code, output)] = launch([command], timeout, [environment])
-    if code != 0:
-        raise AssertionError(f"{mode} worker failed ({code}):\n{output[-4000:]}")
-    return dict(np.load(out))
+    [result] = run_modes([(mode, out, *args)], timeout, env)
+    return result
 
 
 # ------------------------------------------------------------ model and data
