@@ -19,8 +19,12 @@ must equal the reference bit for bit: the final checkpoint (weights,
 BatchNorm statistics, every optimizer variable; under MirroredStrategy each
 replica's BatchNorm statistics), and every epoch's metrics (training and
 validation) but its wall time.
+
+The two settings' chains run at the same time (one module fixture), each
+process's state read as it ends; the tests then assert on what was read.
 """
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -62,8 +66,13 @@ def _run(args, model_dir, kill=None):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process, timeout=300):
-    output, _ = process.communicate(timeout=timeout)
+def _finish(process, timeout=600):
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:  # timed out: not left running
+            process.kill()
+            process.wait()
     return process.returncode, output
 
 
@@ -81,30 +90,67 @@ def _arrays(path):
     return out
 
 
+def _read_if(path):
+    return _read(path) if os.path.exists(path) else None
+
+
 def _csv_epochs(path):
     with open(path) as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def _check_chain(tmp_path, args, chain=CHAIN):
-    """Runs the reference beside the killed chain; asserts the same end."""
+def _run_chain(tmp_path, args, chain):
+    """Runs the reference beside the killed chain; what each process left.
+
+    Returns (reference_dir, chain_dir, steps, the reference's (code,
+    output)): a step per chain process, with what it left before the next
+    one overwrote it (resume.json, the save it was killed after).
+    """
     reference_dir, chain_dir = tmp_path / "reference", tmp_path / "chain"
     saves = chain_dir / "checkpoints"
     reference = _run(args, reference_dir)
+    steps = []
+    try:
+        for kill, resume_at in [*chain, (None, None)]:
+            code, output = _finish(_run(args, chain_dir, kill))
+            step = dict(kill=kill, resume_at=resume_at, code=code, output=output,
+                        resumed=_read_if(chain_dir / "resume.json"))
+            if kill and kill.startswith("during:"):
+                cut = int(kill.split(":")[1])
+                step["cut"] = ((saves / f"step-{cut}.weights.h5").exists(),
+                               (saves / f"step-{cut}.json").exists())
+            if kill:
+                step["saved"] = _read_if(saves / f"step-{resume_at}.json")
+            steps.append(step)
+            if code != (-signal.SIGKILL if kill else 0):
+                break  # the check reports it
+    except BaseException:  # a chain process timed out: the reference goes too
+        reference.kill()
+        reference.wait()
+        raise
+    return reference_dir, chain_dir, steps, _finish(reference)
+
+
+def _check_chain(run, chain):
+    """Asserts that each restart resumed where its predecessor was killed, and
+    that the chain's end is the reference's."""
+    reference_dir, chain_dir, steps, (code, reference_output) = run
+    saves = chain_dir / "checkpoints"
+    assert len(steps) == len(chain) + 1, steps[-1]["output"][-3000:]
     expected_resume = saved = None
-    for kill, resume_at in [*chain, (None, None)]:
-        code, output = _finish(_run(args, chain_dir, kill))
-        assert code == (-signal.SIGKILL if kill else 0), output[-3000:]
+    for step in steps:
+        kill, resume_at, output = step["kill"], step["resume_at"], step["output"]
+        assert step["code"] == (-signal.SIGKILL if kill else 0), output[-3000:]
         if expected_resume is None:  # the first process: a fresh start
-            fresh = _read(chain_dir / "resume.json")
+            fresh = step["resumed"]
             assert fresh["micro_steps"] == fresh["optimizer_micro_steps"] == 0
         else:
             # It resumed where the previous process left its newest complete save.
-            resumed = _read(chain_dir / "resume.json")
-            epoch, step = divmod(expected_resume, STEPS)
+            resumed = step["resumed"]
+            epoch, at = divmod(expected_resume, STEPS)
             assert (resumed["micro_steps"], resumed["epoch"], resumed["step"]) == (
-                expected_resume, epoch, step)
-            assert f"Resumed from {chain_dir} at epoch {epoch}, micro-step {step} of " \
+                expected_resume, epoch, at)
+            assert f"Resumed from {chain_dir} at epoch {epoch}, micro-step {at} of " \
                 f"{STEPS}." in output
             # The optimizer state is the one saved: its step count and values.
             assert resumed["optimizer_micro_steps"] == saved["optimizer_micro_steps"] \
@@ -113,14 +159,13 @@ def _check_chain(tmp_path, args, chain=CHAIN):
             assert resumed["optimizer_digest"] != fresh["optimizer_digest"]
         if kill and kill.startswith("during:"):
             # The cut save is there, without its JSON: never to be used.
-            step = int(kill.split(":")[1])
-            assert (saves / f"step-{step}.weights.h5").exists()
-            assert not (saves / f"step-{step}.json").exists()
+            weights_exist, json_exists = step["cut"]
+            assert weights_exist
+            assert not json_exists
         if kill:
-            saved = _read(saves / f"step-{resume_at}.json")
+            saved = step["saved"]
             assert saved["micro_steps"] == resume_at
             expected_resume = resume_at
-    code, reference_output = _finish(reference)
     assert code == 0, reference_output[-3000:]
     assert _csv_epochs(chain_dir / "metrics.csv") == [0, 1]
     assert [e["epoch"] for e in _read(chain_dir / "metrics.json")] == [0, 1]
@@ -164,19 +209,40 @@ def _check_chain(tmp_path, args, chain=CHAIN):
     return want, got
 
 
-def test_killed_runs_resume_to_the_uninterrupted_end(tmp_path):
-    _check_chain(tmp_path, ARGS)
+# MirroredStrategy on 2 logical CPUs, slices of 32 (k=4 still), with
+# per-example norms, augmentation on and mixed float16 (a loss scale): the
+# whole chain. Each process has one strategy (the subprocesses start
+# TensorFlow anew).
+MIRRORED = [a for a in ARGS if a not in ("--noaugment", "--micro_batch_size=64")] + [
+    "--micro_batch_size=32", "--strategy=mirrored", "--logical_cpus=2",
+    "--per_example_norms", "--augment", "--dtype=mixed_float16"]
+# Each test's setting, by the test's name.
+SETTINGS = {
+    "test_killed_runs_resume_to_the_uninterrupted_end": ARGS,
+    "test_killed_mirrored_per_example_augmented_mixed_runs_resume_to_the_uninterrupted_end":
+        MIRRORED,
+}
+
+
+@pytest.fixture(scope="module")
+def chains(request, tmp_path_factory):
+    """The selected tests' chains, run at the same time: a chain is one
+    process after another, most of each TensorFlow's start-up and tracing on
+    one core, so two chains keep a 2-core machine busy."""
+    wanted = [name for name in SETTINGS
+              if any(item.originalname == name for item in request.session.items)]
+    with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
+        runs = {name: pool.submit(_run_chain, tmp_path_factory.mktemp(name[:30]),
+                                  SETTINGS[name], CHAIN) for name in wanted}
+        return {name: run.result() for name, run in runs.items()}
+
+
+def test_killed_runs_resume_to_the_uninterrupted_end(chains, request):
+    _check_chain(chains[request.node.originalname], CHAIN)
 
 
 def test_killed_mirrored_per_example_augmented_mixed_runs_resume_to_the_uninterrupted_end(
-        tmp_path):
-    # MirroredStrategy on 2 logical CPUs, slices of 32 (k=4 still), with
-    # per-example norms, augmentation on and mixed float16 (a loss scale):
-    # the whole chain. Each process has one strategy (the subprocesses start
-    # TensorFlow anew).
-    args = [a for a in ARGS if a not in ("--noaugment", "--micro_batch_size=64")]
-    args += ["--micro_batch_size=32", "--strategy=mirrored", "--logical_cpus=2",
-             "--per_example_norms", "--augment", "--dtype=mixed_float16"]
-    want, got = _check_chain(tmp_path, args)
+        chains, request):
+    want, got = _check_chain(chains[request.node.originalname], CHAIN)
     assert want["summary"]["replicas"] == got["summary"]["replicas"] == 2
     assert want["config"]["dtype"] == "mixed_float16" and want["config"]["per_example_norms"]
