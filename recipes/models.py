@@ -45,10 +45,8 @@ def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
         raise ValueError(f"width must be >= 1; received width={width}.")
     blocks = (depth - 2) // 6
 
-    normalize = batch_norm
-
-    def batch_norm(x):
-        if not normalize:
+    def norm(x):
+        if not batch_norm:
             return x
         return layers.BatchNormalization(
             momentum=bn_momentum, synchronized=synchronized
@@ -56,23 +54,23 @@ def resnet20(input_shape, num_classes, width=16, bn_momentum=0.9,
 
     def conv(x, filters, strides=1):
         return layers.Conv2D(
-            filters, 3, strides=strides, padding="same", use_bias=not normalize,
+            filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
             kernel_initializer="he_normal",
         )(x)
 
     inputs = keras.Input(input_shape)
-    x = layers.Activation("relu")(batch_norm(conv(inputs, width)))
+    x = layers.Activation("relu")(norm(conv(inputs, width)))
     for stage in range(3):
         filters = width * 2**stage
         for block in range(blocks):
             strides = 2 if stage > 0 and block == 0 else 1
             shortcut = x
-            y = layers.Activation("relu")(batch_norm(conv(x, filters, strides)))
-            y = batch_norm(conv(y, filters))
+            y = layers.Activation("relu")(norm(conv(x, filters, strides)))
+            y = norm(conv(y, filters))
             if strides != 1 or shortcut.shape[-1] != filters:
-                shortcut = batch_norm(
+                shortcut = norm(
                     layers.Conv2D(filters, 1, strides=strides,
-                                  use_bias=not normalize)(x)
+                                  use_bias=not batch_norm)(x)
                 )
             x = layers.Activation("relu")(layers.add([y, shortcut]))
     x = layers.GlobalAveragePooling2D()(x)

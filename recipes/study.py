@@ -169,11 +169,9 @@ class Curve:
     @property
     def legend(self):
         warm = "warmup" if self.warmup else "no warmup"
-        if self.warmup_epochs is not None:
-            warm = f"{self.warmup_epochs:g}-epoch warmup"
         rate = "" if self.excluded is None else f", excluded {self.excluded:g}"
-        bn = "" if self.batch_norm else ", no BatchNorm"
-        return f"{self.method.upper()}, {warm}, b={self.slice_size}{rate}{bn}"
+        variant = f", {self.variant}" if self.variant else ""
+        return f"{self.method.upper()}, {warm}, b={self.slice_size}{rate}{variant}"
 
 
 class Plan:
