@@ -46,6 +46,8 @@ ALTERNATIVE = (
     "Use micro-batch samples instead: CLARS without per_example_norms, with "
     "gradient_accumulation_steps=k and/or several replicas (S = R * k samples)."
 )
+# The same, to follow "..., or " inside a sentence.
+OR_ALTERNATIVE = ALTERNATIVE[0].lower() + ALTERNATIVE[1:]
 
 
 def _kind(layer):
@@ -163,7 +165,7 @@ def _check_supported(variable, layer):
             "DepthwiseConv2D to use per_example_norms; received layer="
             f"{layer.name!r} ({type(layer).__name__}; {reason}), "
             f"variable={path!r}. Exclude it from layer adaptation, or "
-            + ALTERNATIVE[0].lower() + ALTERNATIVE[1:]
+            + OR_ALTERNATIVE
         )
 
 
@@ -211,7 +213,7 @@ def _graph(model):
         "and does not patch layers); received model="
         f"{model.name!r} ({type(model).__name__}, with its own call). Build "
         "it as a Functional or Sequential model, or "
-        + ALTERNATIVE[0].lower() + ALTERNATIVE[1:]
+        + OR_ALTERNATIVE
     )
 
 
