@@ -41,7 +41,10 @@ def pyplot():
 
 def _save(figure, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.tight_layout()
+    # Leave a third of an inch for a suptitle, which tight_layout would
+    # otherwise let the first row's titles overlap.
+    top = 1 - 0.35 / figure.get_figheight() if figure.get_suptitle() else 1
+    figure.tight_layout(rect=(0, 0, 1, top))
     figure.savefig(path, dpi=110)
     pyplot().close(figure)
     return path
@@ -110,10 +113,8 @@ def epoch_bands(panels, path):
         panels: [(title, [(label, values, dashed)])], `values` an array of
             accuracies, %, of shape (seeds, epochs).
     """
-    plt = pyplot()
-    figure, axes = plt.subplots(1, max(1, len(panels)),
-                                figsize=(5.5 * max(1, len(panels)), 4.2), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels):
+    figure, axes = _grid(max(1, len(panels)), 6.2, 4.4)
+    for ax, (title, curves) in zip(axes, panels):
         for label, values, dashed in curves:
             values = np.asarray(values, dtype="float64")
             epochs = np.arange(1, values.shape[1] + 1)

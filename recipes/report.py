@@ -937,14 +937,25 @@ def plot_warmup_necessity(plan, summary, path):
 
 def plot_finals(summary, path):
     """Validation accuracy per epoch of the finals (mean, min-max band), one
-    panel per B."""
-    batches = sorted({e["curve"].batch_size for e in summary.values() if e["finals"]})
-    panels = []
-    for batch in batches:
-        panels.append((f"finals, B={batch}", [
-            (f"{e['curve'].legend}, lr {_lr(e['chosen'])}",
-             100 * np.array([[x.get("val_accuracy") or 0.0 for x in r["epochs"]]
-                             for r in e["finals"]], dtype="float64"),
-             not e["curve"].warmup)
-            for e in summary.values() if e["curve"].batch_size == batch and e["finals"]]))
+    panel per B, protocol and network (the tied and decoupled curves, and the
+    network without BatchNorm, apart)."""
+    def panel(curve):
+        parts = [f"finals, B={curve.batch_size}"]
+        if curve.excluded is not None:
+            parts.append(_protocol(curve))
+        if not curve.batch_norm:
+            parts.append("no BatchNorm")
+        return ", ".join(parts)
+
+    titles = []
+    for entry in sorted(summary.values(), key=lambda e: e["curve"].batch_size):
+        if entry["finals"] and panel(entry["curve"]) not in titles:
+            titles.append(panel(entry["curve"]))
+    panels = [(title, [
+        (f"{e['curve'].legend}, lr {_lr(e['chosen'])}",
+         100 * np.array([[x.get("val_accuracy") or 0.0 for x in r["epochs"]]
+                         for r in e["finals"]], dtype="float64"),
+         not e["curve"].warmup)
+        for e in summary.values() if e["finals"] and panel(e["curve"]) == title])
+        for title in titles]
     return plots.epoch_bands(panels, path)
