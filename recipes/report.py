@@ -146,7 +146,7 @@ def summarize(plan, records):
         tuning = {r["study"]["lr"]: r for r in runs if r["study"]["seed"] == plan.tune_seed}
         window, state, chosen = plan.tuning_state(curve, {
             lr: final_accuracy(r) for lr, r in tuning.items()})
-        finals = [r for r in runs if r["study"]["seed"] in plan.final_seeds
+        finals = [r for r in runs if r["study"]["seed"] in plan.seeds(curve)
                   and chosen is not None and r["study"]["lr"] == chosen]
         finals.sort(key=lambda r: r["study"]["seed"])
         out[curve.name] = {
@@ -334,7 +334,8 @@ def tuning_table(plan, summary):
 def finals_table(plan, summary):
     lines = [
         f"Finals: the chosen peak learning rate, seeds "
-        f"{', '.join(map(str, plan.final_seeds))} (none used for tuning), "
+        f"{', '.join(map(str, plan.final_seeds))} (more where the seeds column "
+        "lists them; none used for tuning), "
         f"{plan.epochs} epochs; mean ± sample std over the seeds, %. Validation: "
         "the held-out part of the training split (what the choice was made on); "
         "test: the 10k test split, evaluated once at the end of each run. "
