@@ -184,6 +184,28 @@ def test_rate_check_reads_the_variants_at_the_chosen_step():
     assert row == [f"| {name} | 8 | 86.00 | 89.00 | 91.50 | yes: +2.50 at 8 |"]
 
 
+def test_a_curve_with_more_final_seeds_counts_all_of_them():
+    plan = study.Plan()
+    more, plain = "B4096_lars_warmup_b256_nobn", "B16384_lars_warmup_b256"
+    assert plan.seeds(plan.curve(more)) == (1, 2, 3, 4, 5)
+    assert plan.seeds(plan.curve(plain)) == plan.final_seeds == (1, 2, 3)
+    window = {0.5: 0.80, 1: 0.82, 2: 0.1, 4: 0.1, 8: 0.1}
+    records = []
+    for name in (more, plain):
+        records += _records(name, window)
+        for seed in range(1, 6):  # seeds 4 and 5 count only where the curve asks
+            records += _records(name, {1: 0.80 + seed / 100}, "final", seed)
+        records += _records(name, {0.5: 0.5}, "final", 4)  # not the chosen lr
+    for record in records:
+        record["wall_seconds"] = 100.0
+    summary = report.summarize(plan, records)
+    assert [r["study"]["seed"] for r in summary[more]["finals"]] == [1, 2, 3, 4, 5]
+    assert [r["study"]["seed"] for r in summary[plain]["finals"]] == [1, 2, 3]
+    row = [line for line in report.finals_table(plan, summary).splitlines()
+           if line.startswith(f"| {more} |")]
+    assert "| 1, 2, 3, 4, 5 | 83.00 ± 1.58 |" in row[0]
+
+
 def test_committed_tables_equal_the_regenerated_ones():
     plan = study.Plan()
     records = report.load_records(os.path.join(RESULTS, "runs"))
