@@ -76,14 +76,21 @@ class Checkpointer(keras.callbacks.Callback):
         run: a JSON-able description of the run (what its result depends
             on), saved with each save: `restore` refuses a save of another
             run. None: no check.
+        began: when this process's run began (`time.time()`; None: now).
+            Each save holds the run's wall seconds so far (`seconds`: this
+            process's, plus those of the processes it resumed from), and
+            `restore` sets `earlier` to the seconds of the save it loads, so
+            that a resumed run's record counts every process's time.
     """
 
-    def __init__(self, directory, every, steps_per_epoch, run=None):
+    def __init__(self, directory, every, steps_per_epoch, run=None, began=None):
         super().__init__()
         self.directory = directory
         self.every = every
         self.steps_per_epoch = steps_per_epoch
         self.run = run
+        self.began = time.time() if began is None else began
+        self.earlier = 0.0  # wall seconds of the processes before this one
         self.done = 0
         self._metrics = None  # metric state to put back at the next epoch begin
         os.makedirs(directory, exist_ok=True)
@@ -119,6 +126,7 @@ class Checkpointer(keras.callbacks.Callback):
                     for replica, value in zip(_replicas(variable), values, strict=True):
                         replica.assign(value)
         self.done = state["micro_steps"]
+        self.earlier = state.get("seconds", 0.0)
         if self.done % self.steps_per_epoch:
             self._metrics = state["metrics"]
         return self.done
@@ -168,6 +176,7 @@ class Checkpointer(keras.callbacks.Callback):
             "micro_steps": self.done, "epoch": epoch,
             "step": step, "optimizer_micro_steps": iterations,
             "optimizer_digest": digest, "run": self.run,
+            "seconds": self.earlier + time.time() - self.began,
             "metrics": [[np.asarray(r.numpy()).tolist() for r in _replicas(v)]
                         for v in self.model.metrics_variables],
         })

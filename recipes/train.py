@@ -210,22 +210,27 @@ def build(config, summary, source, strategy, rates, excluded_rates):
     return model
 
 
-def resume(config, model, summary, out):
+def resume(config, model, summary, out, began):
     """Restores the newest checkpoint in `out`; the callbacks that go on from it.
 
     Returns (start micro-step, callbacks, `EpochLog`, `FirstUpdateCoherence`
-    or None). The summary gets `resumed_at` and `resumes`: every resume of
-    the run so far, with its time and step.
+    or None). The summary gets `resumed_at` (with `earlier_seconds`: the wall
+    seconds of the processes before this one, up to the save it resumed
+    from) and `resumes`: every resume of the run so far, with its time and
+    step. `began`: when this process's run began (`time.time()`), from which
+    each save counts the run's wall seconds.
     """
     steps, k = summary["micro_steps_per_epoch"], summary["accumulation_k"]
-    start, logs, saves = 0, [], []
+    start, logs, saves, earlier = 0, [], [], 0.0
     if out:
         os.makedirs(out, exist_ok=True)
         run = {name: value for name, value in dataclasses.asdict(config).items()
                if name not in NOT_STATE}
         checkpointer = callbacks.Checkpointer(
-            os.path.join(out, "checkpoints"), config.checkpoint_steps * k, steps, run)
+            os.path.join(out, "checkpoints"), config.checkpoint_steps * k, steps, run,
+            began)
         start = checkpointer.restore(model)
+        earlier = checkpointer.earlier if start else 0.0
         epochs = records.read_json(os.path.join(out, "metrics.json"), []) if start else []
         epoch_log = callbacks.EpochLog(os.path.join(out, "metrics.json"),
                                        [e for e in epochs if e["epoch"] < start // steps])
@@ -241,6 +246,7 @@ def resume(config, model, summary, out):
     summary["resumed_at"] = {
         "micro_steps": start, "epoch": start // steps, "step": start % steps,
         "optimizer_micro_steps": micro_steps, "optimizer_digest": digest,
+        "earlier_seconds": earlier,
     }
     if start:
         resumes.append({"at": records.utc_now(), "micro_steps": start,
@@ -345,15 +351,17 @@ def run(config, strategy=None, checkpoint_dir=None):
     summary, rates, excluded_rates = plan(config, sources, strategy.num_replicas_in_sync)
     model = build(config, summary, sources["train"], strategy, rates, excluded_rates)
     out = config.model_dir or checkpoint_dir
-    first, more_callbacks, epoch_log, coherence = resume(config, model, summary, out)
+    first, more_callbacks, epoch_log, coherence = resume(config, model, summary, out,
+                                                         began_run)
     began = time.time()
     fit(config, model, sources, summary, first, more_callbacks)
     summary["train_seconds"] = time.time() - began
     finish(config, model, sources, summary, epoch_log.epochs, coherence)
     if out:
         records.write_json(os.path.join(out, "summary.json"), summary)
-    record = records.make_record(config, summary, epoch_log.epochs,
-                                 time.time() - began_run, code)
+    # A resumed run's wall time counts the processes before this one too.
+    seconds = time.time() - began_run + summary["resumed_at"]["earlier_seconds"]
+    record = records.make_record(config, summary, epoch_log.epochs, seconds, code)
     if config.record_path:
         records.write_json(config.record_path, record)
     return {"epochs": epoch_log.epochs, "summary": summary, "record": record,

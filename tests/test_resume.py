@@ -144,6 +144,7 @@ def _check_chain(run, chain):
         if expected_resume is None:  # the first process: a fresh start
             fresh = step["resumed"]
             assert fresh["micro_steps"] == fresh["optimizer_micro_steps"] == 0
+            assert fresh["earlier_seconds"] == 0
         else:
             # It resumed where the previous process left its newest complete save.
             resumed = step["resumed"]
@@ -157,6 +158,9 @@ def _check_chain(run, chain):
                 == expected_resume
             assert resumed["optimizer_digest"] == saved["optimizer_digest"]
             assert resumed["optimizer_digest"] != fresh["optimizer_digest"]
+            # The run's wall time goes on from the save's, which counts the
+            # processes before it.
+            assert resumed["earlier_seconds"] == saved["seconds"] > 0
         if kill and kill.startswith("during:"):
             # The cut save is there, without its JSON: never to be used.
             weights_exist, json_exists = step["cut"]
@@ -204,6 +208,10 @@ def _check_chain(run, chain):
     assert got["summary"]["first_update_coherence"] == want["summary"]["first_update_coherence"]
     # The record carries every resume, in order; the reference none.
     assert want["summary"]["resumes"] == []
+    # The chain's wall time counts its earlier processes, the reference's none.
+    assert want["summary"]["resumed_at"]["earlier_seconds"] == 0
+    assert got["wall_seconds"] > got["summary"]["resumed_at"]["earlier_seconds"] \
+        == steps[-1]["resumed"]["earlier_seconds"] > 0
     assert [r["micro_steps"] for r in got["summary"]["resumes"]] == [r for _, r in chain]
     assert all(r["at"].endswith("Z") for r in got["summary"]["resumes"])
     return want, got
