@@ -139,7 +139,10 @@ def test_fresh_venv_with_cpu_and_recipes_extras_trains_one_epoch(tmp_path):
     os.symlink(os.path.join(ROOT, "recipes"), source / "recipes")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PYTHONPATH=str(source), TF_CPP_MIN_LOG_LEVEL="2")
-    found = _run([python, "-c", "import keras_clars; print(keras_clars.__file__)"],
+    # Where `import keras_clars` loads it from (without importing TensorFlow
+    # twice: the trainer below imports it).
+    found = _run([python, "-c", "import importlib.util; "
+                  "print(importlib.util.find_spec('keras_clars').origin)"],
                  timeout=300, cwd=tmp_path, env=env)
     assert found.stdout.strip().startswith(str(venv)), found.stdout
 
