@@ -21,7 +21,8 @@ replica's BatchNorm statistics), and every epoch's metrics (training and
 validation) but its wall time.
 
 The two settings' chains run at the same time (one module fixture), each
-process's state read as it ends; the tests then assert on what was read.
+process's state read as it ends, and the references after them where cores
+are few; the tests then assert on what was read.
 """
 
 import concurrent.futures
@@ -99,36 +100,28 @@ def _csv_epochs(path):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def _run_chain(tmp_path, args, chain):
-    """Runs the reference beside the killed chain; what each process left.
+def _run_chain(chain_dir, args, chain):
+    """Runs the killed chain, one process after another; what each left.
 
-    Returns (reference_dir, chain_dir, steps, the reference's (code,
-    output)): a step per chain process, with what it left before the next
-    one overwrote it (resume.json, the save it was killed after).
+    Returns a step per chain process, with what it left before the next one
+    overwrote it (resume.json, the save it was killed after).
     """
-    reference_dir, chain_dir = tmp_path / "reference", tmp_path / "chain"
     saves = chain_dir / "checkpoints"
-    reference = _run(args, reference_dir)
     steps = []
-    try:
-        for kill, resume_at in [*chain, (None, None)]:
-            code, output = _finish(_run(args, chain_dir, kill))
-            step = dict(kill=kill, resume_at=resume_at, code=code, output=output,
-                        resumed=_read_if(chain_dir / "resume.json"))
-            if kill and kill.startswith("during:"):
-                cut = int(kill.split(":")[1])
-                step["cut"] = ((saves / f"step-{cut}.weights.h5").exists(),
-                               (saves / f"step-{cut}.json").exists())
-            if kill:
-                step["saved"] = _read_if(saves / f"step-{resume_at}.json")
-            steps.append(step)
-            if code != (-signal.SIGKILL if kill else 0):
-                break  # the check reports it
-    except BaseException:  # a chain process timed out: the reference goes too
-        reference.kill()
-        reference.wait()
-        raise
-    return reference_dir, chain_dir, steps, _finish(reference)
+    for kill, resume_at in [*chain, (None, None)]:
+        code, output = _finish(_run(args, chain_dir, kill))
+        step = dict(kill=kill, resume_at=resume_at, code=code, output=output,
+                    resumed=_read_if(chain_dir / "resume.json"))
+        if kill and kill.startswith("during:"):
+            cut = int(kill.split(":")[1])
+            step["cut"] = ((saves / f"step-{cut}.weights.h5").exists(),
+                           (saves / f"step-{cut}.json").exists())
+        if kill:
+            step["saved"] = _read_if(saves / f"step-{resume_at}.json")
+        steps.append(step)
+        if code != (-signal.SIGKILL if kill else 0):
+            break  # the check reports it
+    return steps
 
 
 def _check_chain(run, chain):
@@ -234,15 +227,33 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def chains(request, tmp_path_factory):
-    """The selected tests' chains, run at the same time: a chain is one
-    process after another, most of each TensorFlow's start-up and tracing on
-    one core, so two chains keep a 2-core machine busy."""
+    """The selected tests' runs: {name: (reference_dir, chain_dir, the chain's
+    steps, the reference's (code, output))}.
+
+    A chain is one process after another, most of each TensorFlow's
+    start-up and tracing on one core, and the mirrored chain is the longest
+    (each of its processes costs nearly twice a plain one's CPU). So the
+    chains start first, each on its own core, and the references, which
+    depend on nothing, queue behind them (as many processes at once as
+    cores, at least one per chain): on a 2-core machine the plain chain's
+    core runs both references while the mirrored chain runs alone, instead
+    of four processes sharing 2 cores at the start and the mirrored chain's
+    last processes running alone at the end.
+    """
     wanted = [name for name in SETTINGS
               if any(item.originalname == name for item in request.session.items)]
-    with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
-        runs = {name: pool.submit(_run_chain, tmp_path_factory.mktemp(name[:30]),
-                                  SETTINGS[name], CHAIN) for name in wanted}
-        return {name: run.result() for name, run in runs.items()}
+    dirs = {name: tmp_path_factory.mktemp(name[:30]) for name in wanted}
+    workers = max(len(wanted), min(os.cpu_count() or 1, 2 * len(wanted)))
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        steps = {name: pool.submit(_run_chain, dirs[name] / "chain", SETTINGS[name], CHAIN)
+                 for name in wanted}
+        references = {name: pool.submit(lambda name=name: _finish(
+            _run(SETTINGS[name], dirs[name] / "reference"))) for name in wanted}
+        return {name: (dirs[name] / "reference", dirs[name] / "chain", steps[name].result(),
+                       references[name].result()) for name in wanted}
+    finally:  # on an error, what has not started does not
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def test_killed_runs_resume_to_the_uninterrupted_end(chains, request):
