@@ -230,7 +230,7 @@ def resume(config, model, summary, out, began):
             os.path.join(out, "checkpoints"), config.checkpoint_steps * k, steps, run,
             began)
         start = checkpointer.restore(model)
-        earlier = checkpointer.earlier if start else 0.0
+        earlier = checkpointer.earlier  # 0 unless a save was restored
         epochs = records.read_json(os.path.join(out, "metrics.json"), []) if start else []
         epoch_log = callbacks.EpochLog(os.path.join(out, "metrics.json"),
                                        [e for e in epochs if e["epoch"] < start // steps])
